@@ -1,0 +1,1 @@
+"""The runtime: a compact, real multi-LoRA serving engine."""
