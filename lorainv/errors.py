@@ -98,8 +98,7 @@ class Violation:
             "pool": self.pool,
             "invariant": self.invariant,
             "message": self.message,
-            "offenders": [o if isinstance(o, (int, float, str, type(None))) else repr(o)
-                          for o in self.offenders],
+            "offenders": [o if isinstance(o, (int, float, str, type(None))) else repr(o) for o in self.offenders],
         }
 
 
