@@ -119,3 +119,7 @@ class InvariantViolation(LorainvError):
             lines.append(f"  last {len(self.recent_events)} step(s) of events:")
             lines += [f"    {e}" for e in self.recent_events]
         return "\n".join(lines)
+
+
+class PoolError(LorainvError, RuntimeError):
+    """An invalid pool operation (double free, foreign index); the pool is left unchanged."""
