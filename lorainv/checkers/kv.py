@@ -1,0 +1,112 @@
+"""KV token pool: accounting identities K1/K2 and exact membership K3/K4."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lorainv.checkers.base import register, shown
+from lorainv.errors import Violation
+from lorainv.snapshot import Snapshot
+
+
+def token_owners(snap: Snapshot) -> list[tuple[str, np.ndarray]]:
+    """Every claim on a token index: (owner label, indices). Active session slots are
+    represented by their borrowing request, so a lent token is claimed once."""
+    claims: list[tuple[str, np.ndarray]] = [("free", snap.free_indices)]
+    claims += [(f"prefix node {n.id}", n.indices) for n in snap.prefix_nodes]
+    claims += [(f"request {r.rid}", r.indices[r.cache_len :]) for r in snap.live() if len(r.indices)]
+    claims += [(f"session {s.session_id}", s.indices) for s in snap.sessions if not s.is_active and len(s.indices)]
+    return claims
+
+
+@register("kv")
+class KVChecker:
+    """K1 busy identity, K2 idle identity, K3 disjoint exact membership, K4 per-request lengths.
+
+    It remembers the owners seen in the previous snapshot, so a leak names who held the
+    tokens last (``leaked token indices [17, 18] last owned by request r4``).
+    """
+
+    def __init__(self) -> None:
+        self._last_owner: np.ndarray | None = None
+        self._last_labels: list[str] = []
+
+    def check(self, snap: Snapshot) -> list[Violation]:
+        out: list[Violation] = []
+        total = snap.available + snap.evictable + snap.protected + snap.session_held + snap.held_by_requests
+        if total != snap.total_tokens:
+            out.append(
+                Violation(
+                    "kv",
+                    "K1",
+                    f"available {snap.available} + evictable {snap.evictable} + protected {snap.protected} + "
+                    f"session_held {snap.session_held} + held_by_requests {snap.held_by_requests} = {total} "
+                    f"!= total {snap.total_tokens}",
+                    (total - snap.total_tokens,),
+                )
+            )
+        if snap.idle and snap.held_by_requests:
+            out.append(Violation("kv", "K2", f"idle but requests hold {snap.held_by_requests} tokens"))
+        out += self._membership(snap)
+        out += _lengths(snap)
+        return out
+
+    def _membership(self, snap: Snapshot) -> list[Violation]:
+        ps = snap.page_size
+        n = snap.total_tokens + ps
+        count = np.zeros(n, dtype=np.int64)
+        owner = np.full(n, -1, dtype=np.int64)
+        claims = token_owners(snap)
+        out: list[Violation] = []
+        for k, (label, idx) in enumerate(claims):
+            idx = np.asarray(idx, dtype=np.int64)
+            bad = idx[(idx < ps) | (idx >= n)]
+            if bad.size:
+                out.append(Violation("kv", "K3", f"{label} holds padding/out-of-pool indices", shown(bad)))
+                idx = idx[(idx >= ps) & (idx < n)]
+            np.add.at(count, idx, 1)
+            owner[idx] = k
+        aliased = np.flatnonzero(count > 1)
+        if aliased.size:
+            who = sorted({label for label, idx in claims if np.isin(idx, aliased).any()})
+            out.append(Violation("kv", "K3", f"token indices owned twice, by {', '.join(who)}", shown(aliased)))
+        leaked = np.flatnonzero(count[ps:] == 0) + ps
+        if leaked.size:
+            last = ""
+            if self._last_owner is not None and len(self._last_owner) == n:
+                prev = {self._last_labels[i] for i in self._last_owner[leaked] if i >= 0}
+                last = f" last owned by {', '.join(sorted(prev))}" if prev else ""
+            out.append(Violation("kv", "K3", f"leaked token indices: owned by nobody{last}", shown(leaked)))
+        self._last_owner, self._last_labels = owner, [label for label, _ in claims]
+        return out
+
+
+def _lengths(snap: Snapshot) -> list[Violation]:
+    out: list[Violation] = []
+    ps = snap.page_size
+    for r in snap.requests:
+        alloc = len(r.indices)
+        if r.state in ("waiting", "finished", "aborted"):
+            if alloc or r.row is not None:
+                out.append(
+                    Violation(
+                        "kv", "K4", f"request {r.rid} is {r.state} but holds {alloc} tokens / row {r.row}", (r.rid,)
+                    )
+                )
+            continue
+        if not r.cache_len <= r.kv_len <= alloc:
+            out.append(
+                Violation(
+                    "kv",
+                    "K4",
+                    f"request {r.rid}: protected {r.cache_len} <= committed {r.kv_len} <= allocated {alloc} broken",
+                    (r.rid,),
+                )
+            )
+        if alloc % ps:
+            out.append(Violation("kv", "K4", f"request {r.rid} holds {alloc} tokens, not whole pages", (r.rid,)))
+        if alloc - r.kv_len >= ps and r.state == "decoding":
+            out.append(
+                Violation("kv", "K4", f"request {r.rid} over-allocated: {alloc} allocated for {r.kv_len}", (r.rid,))
+            )
+    return out

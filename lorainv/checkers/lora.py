@@ -1,0 +1,77 @@
+"""LoRA slot pool: L1 maps, L2 admission bound, L3 batch readiness, L4 pins, L5 victims, L6 hygiene."""
+
+from __future__ import annotations
+
+from lorainv.checkers.base import register, shown
+from lorainv.errors import Violation
+from lorainv.snapshot import EMPTY_NAME, Snapshot
+
+
+@register("lora")
+class LoraChecker:
+    def check(self, snap: Snapshot) -> list[Violation]:
+        lo = snap.lora
+        out: list[Violation] = []
+        u2s = dict(lo.uid_to_slot)
+        # L1: inverse bijection over occupied slots; occupied + free == P
+        for uid, slot in u2s.items():
+            if not 0 <= slot < lo.num_slots or lo.slot_to_uid[slot] != uid:
+                have = lo.slot_to_uid[slot] if 0 <= slot < lo.num_slots else "out of range"
+                out.append(
+                    Violation("lora", "L1", f"uid_to_slot[{uid!r}] = {slot} but slot {slot} holds {have!r}", (uid,))
+                )
+        for slot, uid in enumerate(lo.slot_to_uid):
+            if uid != EMPTY_NAME and u2s.get(uid) != slot:
+                out.append(
+                    Violation("lora", "L1", f"slot {slot} maps to {uid!r} but uid_to_slot = {u2s.get(uid)}", (slot,))
+                )
+        occupied = sum(1 for u in lo.slot_to_uid if u != EMPTY_NAME)
+        if occupied != len(u2s) or len(lo.slot_to_uid) != lo.num_slots:
+            out.append(Violation("lora", "L1", f"occupied {occupied} != mapped {len(u2s)} (P={lo.num_slots})"))
+        # L2: running ∪ staged ∪ in flight within P
+        live = [r for r in snap.live() if r.state in ("prefilling", "decoding")]
+        active = {r.adapter for r in live} | {ld.uid for ld in lo.loads}
+        if len(active) > snap.max_loras_per_batch:
+            out.append(
+                Violation(
+                    "lora",
+                    "L2",
+                    f"{len(active)} distinct adapters among running, staged and loading > max_loras_per_batch="
+                    f"{snap.max_loras_per_batch}",
+                    shown(sorted(active, key=repr)),
+                )
+            )
+        if len(set(lo.last_batch)) > snap.max_loras_per_batch:
+            out.append(Violation("lora", "L2", "a batch used more adapters than slots", shown(set(lo.last_batch))))
+        # L3: what runs is resident and ready; the batch read the right slots
+        for r in live:
+            if r.adapter not in u2s or r.adapter not in lo.ready:
+                state = "not resident" if r.adapter not in u2s else "not loaded/waited"
+                out.append(Violation("lora", "L3", f"{r.rid} runs on adapter {r.adapter!r} that is {state}", (r.rid,)))
+        for uid, slot in zip(lo.last_batch, lo.last_batch_slots):
+            if u2s.get(uid) != slot:
+                out.append(
+                    Violation("lora", "L3", f"batch read slot {slot} for {uid!r}, which maps to {u2s.get(uid)}", (uid,))
+                )
+        # L4: pins resident, at most P-1
+        for name in sorted(lo.pinned):
+            if name not in u2s:
+                out.append(Violation("lora", "L4", f"pinned adapter {name!r} is not resident", (name,)))
+        if len(lo.pinned) > max(lo.num_slots - 1, 0):
+            out.append(Violation("lora", "L4", f"{len(lo.pinned)} pinned > P-1", shown(sorted(lo.pinned))))
+        # L5: eviction victims are never in the protected (in-batch) set nor pinned
+        for victim, slot, protected in lo.evictions:
+            if victim in protected or victim in lo.pinned:
+                why = "in the current batch" if victim in protected else "pinned"
+                out.append(Violation("lora", "L5", f"evicted {victim!r} from slot {slot} while {why}", (victim,)))
+        # L6: slot contents are exactly the tenant's
+        for uid, msg in lo.hygiene:
+            out.append(Violation("lora", "L6", f"slot of {uid!r}: {msg}", (uid,)))
+        ranks = dict(lo.registered)
+        for uid, slot in u2s.items():
+            want = 0 if uid is None else ranks.get(uid)
+            if want is not None and lo.ranks[slot] != want and uid not in {ld.uid for ld in lo.loads}:
+                out.append(
+                    Violation("lora", "L6", f"slot {slot} rank {lo.ranks[slot]} != {uid!r} rank {want}", (slot,))
+                )
+        return out

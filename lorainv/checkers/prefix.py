@@ -1,0 +1,66 @@
+"""Prefix cache: sizes match the tree, locks match the requests that borrow from it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from lorainv.checkers.base import register, shown
+from lorainv.errors import Violation
+from lorainv.snapshot import Snapshot
+
+
+@register("prefix")
+class PrefixChecker:
+    """``evictable + protected == Σ node sizes``; ``protected == Σ locked node sizes``;
+    each node's lock count equals the live requests whose borrowed prefix runs through it;
+    a request's protected prefix is exactly the indices on its node's path."""
+
+    def check(self, snap: Snapshot) -> list[Violation]:
+        out: list[Violation] = []
+        nodes = {n.id: n for n in snap.prefix_nodes}
+        size = sum(len(n.indices) for n in nodes.values())
+        locked = sum(len(n.indices) for n in nodes.values() if n.lock_ref > 0)
+        if snap.evictable + snap.protected != size:
+            out.append(
+                Violation(
+                    "prefix",
+                    "P1",
+                    f"evictable {snap.evictable} + protected {snap.protected} != tree tokens {size}",
+                )
+            )
+        if snap.protected != locked:
+            out.append(Violation("prefix", "P1", f"protected {snap.protected} != locked node tokens {locked}"))
+        if any(len(n.indices) % snap.page_size for n in nodes.values()):
+            bad = [n.id for n in nodes.values() if len(n.indices) % snap.page_size]
+            out.append(Violation("prefix", "P2", "prefix nodes not page aligned", shown(bad)))
+        expected: Counter[int] = Counter()
+        for r in snap.live():
+            node = r.cache_node
+            path: list[int] = []
+            while node is not None:
+                if node not in nodes:
+                    out.append(Violation("prefix", "P3", f"request {r.rid} locks a node not in the tree", (node,)))
+                    break
+                expected[node] += 1
+                path.append(node)
+                node = nodes[node].parent
+            if r.cache_len:
+                held = np.concatenate([nodes[i].indices for i in reversed(path) if i in nodes]) if path else []
+                if not np.array_equal(held, r.indices[: r.cache_len]):
+                    out.append(
+                        Violation("prefix", "P3", f"request {r.rid}'s protected prefix is not its node path", (r.rid,))
+                    )
+        wrong = [(i, n.lock_ref, expected[i]) for i, n in nodes.items() if n.lock_ref != expected[i]]
+        if wrong:
+            i, have, want = wrong[0]
+            out.append(
+                Violation(
+                    "prefix",
+                    "P3",
+                    f"lock refs do not match borrowing requests (node {i}: lock_ref {have}, live borrowers {want})",
+                    shown(w[0] for w in wrong),
+                )
+            )
+        return out

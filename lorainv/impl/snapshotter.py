@@ -1,0 +1,129 @@
+"""Builds the tensor-free `Snapshot` of an engine (the only thing checkers read)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lorainv.impl.lora_pool import EMPTY
+from lorainv.snapshot import (
+    EMPTY_NAME,
+    DrainSnap,
+    LoadSnap,
+    LoraSnap,
+    PrefixNodeSnap,
+    ReqSnap,
+    SessionSnap,
+    Snapshot,
+)
+
+
+def _uid(u: Any) -> Any:
+    return EMPTY_NAME if u is EMPTY else u
+
+
+def _lora(engine: Any) -> LoraSnap:
+    pool, loader = engine.pool, engine.loader
+    tracked = loader.tracked() if loader is not None else ()
+    mapped = set(pool.uid_to_slot)
+    ready = frozenset(u for u in mapped if (loader.is_ready(u) if loader is not None else True))
+    hygiene = tuple(_hygiene(engine))
+    return LoraSnap(
+        num_slots=pool.num_slots,
+        slot_to_uid=tuple(_uid(u) for u in pool.slot_to_uid),
+        uid_to_slot=tuple(sorted(pool.uid_to_slot.items(), key=lambda kv: kv[1])),
+        pinned=frozenset(pool.pinned),
+        loads=tuple(LoadSnap(t.uid, t.slot, t.done, t.failed) for t in tracked),
+        ready=ready,
+        ranks=tuple(int(r) for r in pool.buffers.ranks.tolist()),
+        registered=tuple(sorted((n, a.rank) for n, a in engine.registry.items())),
+        last_batch=engine.last_batch,
+        last_batch_slots=engine.last_batch_slots,
+        evictions=tuple(engine.scheduler.evictions),
+        hygiene=hygiene,
+    )
+
+
+def _hygiene(engine: Any) -> list[tuple[Any, str]]:
+    """Slot contents vs. the tenant's weights, re-checked only when a slot changed tenant."""
+    pool = engine.pool
+    seen = engine.__dict__.setdefault("_hygiene_seen", {})
+    out: list[tuple[Any, str]] = []
+    loading = {t.uid for t in engine.loader.tracked()} if engine.loader is not None else set()
+    for uid, slot in pool.uid_to_slot.items():
+        if uid in loading:
+            continue
+        key = (slot, uid, id(pool.tenants.get(uid)))
+        if key not in seen:
+            seen.clear() if len(seen) > 4 * pool.num_slots else None
+            seen[key] = tuple(pool.hygiene_violations(uid))
+        out.extend((uid, msg) for msg in seen[key])
+    return out
+
+
+def take_snapshot(engine: Any) -> Snapshot:
+    s = engine.scheduler
+    alloc = engine.allocator
+    reqs = []
+    r2t = engine.rows.req_to_token
+    for r in engine.requests.values():
+        entries = r2t[r.row, : r.alloc_len].cpu().numpy().copy() if r.row is not None else np.zeros(0, np.int64)
+        reqs.append(
+            ReqSnap(
+                rid=r.rid,
+                state=r.state.value,
+                adapter=r.adapter,
+                session_id=r.session_id,
+                row=r.row,
+                indices=np.asarray(r.indices, dtype=np.int64).copy(),
+                kv_len=r.kv_len,
+                cache_len=r.cache_len,
+                session_alloc=r.session_alloc if r.session_lent else 0,
+                own_row=r.own_row,
+                output_len=len(r.output),
+                max_new_tokens=r.max_new_tokens,
+                fill_len=len(r.fill),
+                row_entries=entries,
+                cache_node=None if r.cache_node is None or r.cache_node.parent is None else r.cache_node.id,
+            )
+        )
+    nodes = tuple(
+        PrefixNodeSnap(
+            n.id,
+            n.namespace,
+            None if n.parent is None or n.parent.parent is None else n.parent.id,
+            n.value.copy(),
+            n.lock_ref,
+        )
+        for n in engine.cache.iter_nodes()
+    )
+    sessions = tuple(
+        SessionSnap(x.session_id, x.row, np.asarray(x.indices).copy(), x.kv_len, x.is_active, x.active_rid, x.adapter)
+        for x in engine.sessions.slots.values()
+    )
+    held = sum(r.held_tokens for r in engine.requests.values() if r.state.live)
+    drainer = engine.drainer
+    return Snapshot(
+        step=engine.steps,
+        now=engine.clock.now(),
+        total_tokens=alloc.size,
+        page_size=alloc.page_size,
+        free_indices=alloc.free_indices(),
+        available=alloc.available_size(),
+        evictable=engine.cache.evictable_size(),
+        protected=engine.cache.protected_size(),
+        session_held=engine.sessions.session_held_tokens(),
+        held_by_requests=held,
+        rows_total=engine.rows.size,
+        free_rows=tuple(engine.rows.free_rows()),
+        requests=tuple(reqs),
+        staged=s.staged.rid if s.staged is not None else None,
+        prefix_nodes=nodes,
+        sessions=sessions,
+        lora=_lora(engine),
+        drainer=DrainSnap(drainer.enabled, tuple(sorted(drainer.marks.items(), key=repr))),
+        max_loras_per_batch=engine.cfg.max_loras_per_batch,
+        idle=engine.is_idle(),
+        finished=tuple(r.rid for r in engine.requests.values() if not r.state.live),
+    )

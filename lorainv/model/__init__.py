@@ -1,0 +1,1 @@
+"""The reference state-machine model: pure Python, no torch."""

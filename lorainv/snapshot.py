@@ -1,0 +1,112 @@
+"""Immutable, tensor-free views of every pool, produced by ``Engine.snapshot()``.
+
+Checkers read these and nothing else. Token-index sets are numpy arrays (never tensors),
+so a snapshot costs O(pool size) in vectorised copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ReqSnap:
+    rid: str
+    state: str
+    adapter: str | None
+    session_id: str | None
+    row: int | None
+    indices: np.ndarray  # allocated token indices in row order
+    kv_len: int
+    cache_len: int  # protected prefix (owned by the prefix cache)
+    session_alloc: int  # leading indices lent by an active session slot
+    own_row: bool
+    output_len: int
+    max_new_tokens: int
+    fill_len: int
+    row_entries: np.ndarray  # req_to_token[row, :alloc_len] as stored
+    cache_node: int | None  # id of the locked prefix-cache node, if any
+
+
+@dataclass(frozen=True)
+class PrefixNodeSnap:
+    id: int
+    namespace: str | None
+    parent: int | None
+    indices: np.ndarray
+    lock_ref: int
+
+
+@dataclass(frozen=True)
+class SessionSnap:
+    session_id: str
+    row: int | None
+    indices: np.ndarray
+    kv_len: int
+    is_active: bool
+    active_rid: str | None
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class LoadSnap:
+    uid: str | None
+    slot: int
+    done: bool  # event.query()
+    failed: bool
+
+
+@dataclass(frozen=True)
+class LoraSnap:
+    num_slots: int
+    slot_to_uid: tuple[Any, ...]  # EMPTY is rendered as the string "<EMPTY>"
+    uid_to_slot: tuple[tuple[Any, int], ...]
+    pinned: frozenset[str]
+    loads: tuple[LoadSnap, ...]  # tracked (not yet reaped) loads
+    ready: frozenset[Any]  # uids the runtime would let a batch use now
+    ranks: tuple[int, ...]
+    registered: tuple[tuple[str, int], ...]  # host registry: name -> rank
+    last_batch: tuple[Any, ...]  # adapters of the last forward batch
+    last_batch_slots: tuple[int, ...]  # slot each of them read
+    evictions: tuple[tuple[Any, int, frozenset[Any]], ...]  # (victim, slot, protected set) in the last step
+    hygiene: tuple[tuple[Any, str], ...]  # (uid, problem) for resident slots whose contents are wrong (L6)
+
+
+@dataclass(frozen=True)
+class DrainSnap:
+    enabled: bool
+    marks: tuple[tuple[Any, Any], ...]  # (draining adapter, starving adapter)
+
+
+EMPTY_NAME = "<EMPTY>"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    step: int
+    now: float
+    total_tokens: int
+    page_size: int
+    free_indices: np.ndarray
+    available: int  # allocator.available_size()
+    evictable: int  # prefix cache's own counters
+    protected: int
+    session_held: int  # SessionManager.session_held_tokens()
+    held_by_requests: int
+    rows_total: int
+    free_rows: tuple[int, ...]
+    requests: tuple[ReqSnap, ...]
+    staged: str | None  # rid of the chunked request staged for the next round
+    prefix_nodes: tuple[PrefixNodeSnap, ...]
+    sessions: tuple[SessionSnap, ...]
+    lora: LoraSnap
+    drainer: DrainSnap
+    max_loras_per_batch: int
+    idle: bool
+    finished: tuple[str, ...] = field(default=())  # rids that reached a final state (ever)
+
+    def live(self) -> tuple[ReqSnap, ...]:
+        return tuple(r for r in self.requests if r.state in ("waiting", "prefilling", "decoding"))

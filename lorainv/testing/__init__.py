@@ -1,0 +1,1 @@
+"""Reusable testing tools: the Hypothesis state machine, strategies and the pytest plugin."""
