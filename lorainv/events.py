@@ -174,6 +174,14 @@ class CacheEvicted(Event):
 
 
 @event
+class CacheInserted(Event):
+    """A finished request's KV entered the prefix cache: ``tokens`` new tokens now belong to it."""
+
+    rid: str
+    tokens: int
+
+
+@event
 class SessionOpened(Event):
     session_id: str
 

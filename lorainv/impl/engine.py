@@ -35,7 +35,6 @@ from lorainv.events import (
     Finished,
     Idle,
     LoadCompleted,
-    LoadFailed,
     Pinned,
     Queued,
     Rejected,
@@ -136,7 +135,6 @@ class Engine:
             self.clock,
         )
         self.requests: dict[str, Request] = {}
-        self.load_failures: dict[str | None, int] = {}
         self.last_batch: tuple[Any, ...] = ()
         self.last_batch_slots: tuple[int, ...] = ()
         self.steps = 0
@@ -259,6 +257,8 @@ class Engine:
         handler = getattr(self, f"_op_{op.kind}", None)
         if handler is None:
             raise RequestError(f"unsupported op {op.kind}")
+        self.last_batch, self.last_batch_slots = (), ()
+        self.scheduler.evictions.clear()
         events: list[Event] = handler(op)
         self._settle(events)
         if isinstance(op, Step):
@@ -318,10 +318,9 @@ class Engine:
     def _op_Step(self, op: Step) -> list[Event]:
         ev: list[Event] = []
         self.steps += 1
-        self.scheduler.evictions.clear()
         self.device.poll()
         if self.loader is not None:
-            ev.extend(self._note_loads(self.loader.reap()))
+            self.scheduler.reap_loads(ev)
         s = self.scheduler
         batch = s.schedule_prefill(ev)
         if batch:
@@ -330,7 +329,7 @@ class Engine:
             decoders = s.schedule_decode(ev)
             if decoders:
                 self._run_decode(decoders, ev)
-            elif not s.stuck_staged(ev):
+            elif not ev and not s.stuck_staged(ev):
                 self._end_stall(ev)
         if not ev:
             ev.append(Idle())
@@ -339,7 +338,7 @@ class Engine:
     def _settle(self, ev: list[Event]) -> None:
         """After every op: land reaped loads and clear drain marks of adapters that stopped running."""
         if self.loader is not None:
-            ev.extend(self._note_loads(self.loader.reap()))
+            self.scheduler.reap_loads(ev)
         if self.drainer.enabled and self.drainer.marks:
             s = self.scheduler
             ev.extend(self.drainer.update(s._infos(s.waiting), s._infos(s._running_all()), False))
@@ -352,24 +351,8 @@ class Engine:
         head = s.waiting[0]
         s.waiting.remove(head)
         held = self.sessions.session_held_tokens()
-        s.finish(head, "abort", f"does not fit: KV free {self.allocator.available_size()}, sessions hold {held}", ev)
-
-    def _note_loads(self, events: list[Event]) -> list[Event]:
-        """Count failed loads; past ``max_load_retries`` the adapter's waiting requests end."""
-        out = list(events)
-        for e in events:
-            if isinstance(e, LoadFailed):
-                n = self.load_failures.get(e.adapter, 0) + 1
-                self.load_failures[e.adapter] = n
-                if n > self.cfg.max_load_retries:
-                    self.load_failures[e.adapter] = 0
-                    for r in list(self.scheduler.waiting):
-                        if r.adapter == e.adapter:
-                            self.scheduler.waiting.remove(r)
-                            self.scheduler.finish(r, "abort", f"adapter load failed {n} time(s): {e.detail}", out)
-            elif isinstance(e, LoadCompleted):
-                self.load_failures.pop(e.adapter, None)
-        return out
+        free = self.allocator.available_size() + self.cache.evictable_size()
+        s.finish(head, "abort", f"does not fit: {free} tokens free or evictable, sessions hold {held}", ev)
 
     # -- forwards ---------------------------------------------------------------------------
     def _forward(self, reqs: list[Request], lens: list[int], mode: str) -> torch.Tensor:
@@ -546,7 +529,7 @@ class Engine:
         done, failed = self.device.complete(op.n)
         ev: list[Event] = [TransfersCompleted(done, failed)]
         if self.loader is not None:
-            ev.extend(self._note_loads(self.loader.reap()))
+            self.scheduler.reap_loads(ev)
         return ev
 
     def _op_FailTransfers(self, op: FailTransfers) -> list[Event]:

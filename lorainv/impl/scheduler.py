@@ -18,18 +18,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from lorainv.impl.drainer import Drainer, ReqInfo
-from lorainv.impl.lora_pool import LoraPool
-from lorainv.impl.overlap_loader import LoadStatus, OverlapLoader
 
 from lorainv.config import RuntimeConfig
 from lorainv.errors import RequestError
 from lorainv.events import (
     Aborted,
     CacheEvicted,
+    CacheInserted,
     Event,
     Finished,
     LoadCompleted,
+    LoadFailed,
     PrefixHit,
     Retracted,
     SessionRestored,
@@ -37,7 +36,10 @@ from lorainv.events import (
 )
 from lorainv.impl import faults
 from lorainv.impl.clock import Clock
+from lorainv.impl.drainer import Drainer, ReqInfo
 from lorainv.impl.kv_pool import ReqToTokenPool, TokenAllocator
+from lorainv.impl.lora_pool import LoraPool
+from lorainv.impl.overlap_loader import LoadStatus, OverlapLoader
 from lorainv.impl.prefix_cache import PrefixCache
 from lorainv.impl.request import ReqState, Request
 from lorainv.impl.sessions import SessionManager
@@ -75,8 +77,28 @@ class Scheduler:
         self.staged: Request | None = None
         self.running: list[Request] = []
         self.evictions: list[tuple[Any, int, frozenset[Any]]] = []
+        self.load_failures: dict[str | None, int] = {}
+        self.round_loads: set[str | None] = set()
 
     # -- adapters ---------------------------------------------------------------------------
+    def reap_loads(self, ev: list[Event]) -> None:
+        """Land completed loads (in event order); past ``max_load_retries`` failures of an
+        adapter, its waiting requests end with ``reason="abort"``."""
+        if self.loader is None:
+            return
+        for e in self.loader.reap():
+            ev.append(e)
+            if isinstance(e, LoadFailed):
+                n = self.load_failures.get(e.adapter, 0) + 1
+                self.load_failures[e.adapter] = n
+                if n > self.cfg.max_load_retries:
+                    self.load_failures[e.adapter] = 0
+                    for r in [r for r in self.waiting if r.adapter == e.adapter]:
+                        self.waiting.remove(r)
+                        self.finish(r, "abort", f"adapter load failed {n} time(s): {e.detail}", ev)
+            elif isinstance(e, LoadCompleted):
+                self.load_failures.pop(e.adapter, None)
+
     def active_adapters(self) -> set[str | None]:
         """Adapters that must stay resident: running ∪ staged ∪ loads in flight (L2)."""
         active = {r.adapter for r in self.running}
@@ -95,28 +117,32 @@ class Scheduler:
 
     def _admit_adapter(self, uid: str | None, batch_adapters: set[str | None], ev: list[Event]) -> bool:
         """True when ``uid`` may join this round's batch; may start (or do) its load."""
+        self.reap_loads(ev)
         need = self.active_adapters() | batch_adapters | {uid}
         if len(need) > self.cfg.max_loras_per_batch:
             return False
         adapter = None if uid is None else self.registry[uid]
+        protected = need | self.round_loads
         if self.loader is not None:
             status = self.loader.status(uid)
-            if status is LoadStatus.LOADED:
-                return True
             if status is LoadStatus.NOT_LOADED:
-                started = self.loader.start_load(uid, adapter, protected=need)
-                if started is not None:
-                    self._note_evictions(started, need)
-                    ev.extend(started)
-            return False
+                started = self.loader.start_load(uid, adapter, protected=protected)
+                if started is None:
+                    return False
+                self._note_evictions(started, protected)
+                ev.extend(started)
+                self.round_loads.add(uid)  # no thrashing: nothing loaded this round is evicted this round
+                self.reap_loads(ev)
+                status = self.loader.status(uid)
+            return status is LoadStatus.LOADED
         if uid in self.pool.uid_to_slot:
             return True
-        choice = self.pool.choose_slot(uid, protected=need)
+        choice = self.pool.choose_slot(uid, protected=protected)
         if choice is None:
             return False
         slot = choice[0]
         loaded = self.pool.load(uid, adapter, slot, self.device.current_stream())
-        self._note_evictions(loaded, need)
+        self._note_evictions(loaded, protected)
         ev.extend(loaded)
         ev.append(LoadCompleted(uid, slot))
         return True
@@ -174,6 +200,8 @@ class Scheduler:
         if mode == "finish" and self.cache.enabled:
             aligned = req.kv_len - req.kv_len % ps
             cached = self.cache.insert(req.adapter, req.fill[:aligned], req.indices[:aligned])
+            if aligned > cached:
+                ev.append(CacheInserted(req.rid, aligned - cached))
             self.allocator.free(req.indices[req.cache_len : max(cached, req.cache_len)])
             self.allocator.free(req.indices[aligned:])
         elif mode == "retract" and faults.on(self.cfg, "retract_leaks_tail"):
@@ -228,6 +256,7 @@ class Scheduler:
     def schedule_prefill(self, ev: list[Event]) -> list[tuple[Request, int]]:
         """Plan a prefill round: the staged chunk first, then FCFS waiting requests."""
         budget = self.cfg.chunked_prefill_size
+        self.round_loads = set()
         batch: list[tuple[Request, int]] = []
         adapters: set[str | None] = set()
         staged = self.staged
@@ -253,12 +282,15 @@ class Scheduler:
                 continue
             if not self._admit_adapter(req.adapter, adapters, ev):
                 continue
-            if not self._bind(req, ev):
+            bind_ev: list[Event] = []
+            if not self._bind(req, bind_ev):
                 break
             chunk = min(len(req.fill) - req.kv_len, budget)
-            if not self._grow(req, req.kv_len + chunk, ev):
+            if not self._grow(req, req.kv_len + chunk, bind_ev):
                 self.release(req, "retract", ev)
+                ev.extend(e for e in bind_ev if isinstance(e, CacheEvicted))
                 break
+            ev.extend(bind_ev)
             if self.loader is not None:
                 self.loader.mark_scheduled(req.adapter)
             self.waiting.remove(req)

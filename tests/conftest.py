@@ -1,0 +1,13 @@
+"""Shared pytest setup for the whole suite. (pytest puts this directory on sys.path, so test
+modules can import small helpers kept here, such as ``lora_testutil``.)"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton kernels run on CPU only under the interpreter, which must be chosen before any kernel
+# module is imported (``triton.jit`` reads it at decoration time). Keep a GPU run native.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
