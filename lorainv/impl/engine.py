@@ -113,7 +113,7 @@ class Engine:
         self.rows = ReqToTokenPool(
             cfg.max_running_requests + cfg.max_sessions, self.network.max_context_len, self.device.torch_device
         )
-        self.kv = self.network.make_kv_cache(self.allocator.buffer_len, self.device.torch_device)
+        self.kv = self._make_kv_cache()
         self.cache = PrefixCache(self.allocator, cfg.page_size, cfg.enable_prefix_cache)
         self.sessions = SessionManager(self.allocator, self.rows, cfg.max_sessions, cfg)
         self.pool = LoraPool(cfg, self.dims, self.device, self.dtype)
@@ -140,6 +140,14 @@ class Engine:
         self.steps = 0
         self._seq = 0
         self.history: deque[tuple[int, list[Event]]] = deque(maxlen=cfg.history_steps)
+
+    def _make_kv_cache(self) -> Any:
+        net = self.network
+        if hasattr(net, "make_kv_cache"):
+            return net.make_kv_cache(self.allocator.buffer_len, self.device.torch_device)
+        from lorainv.impl.llama import KVCache
+
+        return KVCache.allocate(net.config, self.allocator.buffer_len, self.dtype, self.device.torch_device)
 
     def _make_backend(self) -> Any:
         from lorainv.impl.backends import get_backend
