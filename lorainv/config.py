@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class RuntimeConfig:
         _choice("network", self.network, NETWORKS)
         for name in ("lora_drain_wait_threshold", "lora_drain_tolerance"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name}={v!r} must be a finite number >= 0")
         if self.lora_drain_tolerance < 1.0:
             raise ConfigError(f"lora_drain_tolerance={self.lora_drain_tolerance} must be >= 1.0")

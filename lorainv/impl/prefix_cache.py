@@ -204,7 +204,7 @@ class PrefixCache:
 
     def iter_nodes(self) -> Iterator[Node]:
         """Every non-root node, depth first, namespaces in insertion order."""
-        stack = [c for r in self._roots.values() for c in reversed(list(r.children.values()))]
+        stack = [c for r in reversed(list(self._roots.values())) for c in reversed(list(r.children.values()))]
         while stack:
             n = stack.pop()
             yield n
