@@ -124,17 +124,18 @@ class Scheduler:
         adapter = None if uid is None else self.registry[uid]
         protected = need | self.round_loads
         if self.loader is not None:
-            status = self.loader.status(uid)
-            if status is LoadStatus.NOT_LOADED:
-                started = self.loader.start_load(uid, adapter, protected=protected)
-                if started is None:
-                    return False
-                self._note_evictions(started, protected)
-                ev.extend(started)
-                self.round_loads.add(uid)  # no thrashing: nothing loaded this round is evicted this round
-                self.reap_loads(ev)
-                status = self.loader.status(uid)
-            return status is LoadStatus.LOADED
+            if self.loader.is_ready(uid):
+                return True
+            if self.loader.status(uid) is not LoadStatus.NOT_LOADED:
+                return False
+            started = self.loader.start_load(uid, adapter, protected=protected)
+            if started is None:
+                return False
+            self._note_evictions(started, protected)
+            ev.extend(started)
+            self.round_loads.add(uid)  # no thrashing: nothing loaded this round is evicted this round
+            self.reap_loads(ev)
+            return self.loader.is_ready(uid)
         if uid in self.pool.uid_to_slot:
             return True
         choice = self.pool.choose_slot(uid, protected=protected)
