@@ -29,6 +29,7 @@ from lorainv.events import (
     AdapterRegistered,
     AdapterUnregistered,
     BatchFormed,
+    CacheEvicted,
     ClockAdvanced,
     Decoded,
     Event,
@@ -50,12 +51,12 @@ from lorainv.impl.clock import Clock, SimClock
 from lorainv.impl.device import make_device
 from lorainv.impl.drainer import Drainer
 from lorainv.impl.kv_pool import ReqToTokenPool, TokenAllocator
-from lorainv.impl.lora_pool import LoraPool
 from lorainv.impl.overlap_loader import OverlapLoader
 from lorainv.impl.prefix_cache import PrefixCache
 from lorainv.impl.request import ReqState, Request
 from lorainv.impl.scheduler import Scheduler
 from lorainv.impl.sessions import SessionManager
+from lorainv.impl.tp_pools import make_lora_pool
 from lorainv.ops import (
     Abort,
     AddRequest,
@@ -116,7 +117,7 @@ class Engine:
         self.kv = self._make_kv_cache()
         self.cache = PrefixCache(self.allocator, cfg.page_size, cfg.enable_prefix_cache)
         self.sessions = SessionManager(self.allocator, self.rows, cfg.max_sessions, cfg)
-        self.pool = LoraPool(cfg, self.dims, self.device, self.dtype)
+        self.pool = make_lora_pool(cfg, self.dims, self.device, self.dtype)
         self.loader = OverlapLoader(self.pool, self.device, cfg) if cfg.enable_lora_overlap_loading else None
         self.drainer = Drainer(cfg, self.clock)
         self.registry: dict[str, LoraAdapter] = {}
@@ -238,6 +239,13 @@ class Engine:
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        # all-or-nothing: validate every prompt (with the ids it would get) before queueing any
+        for i, (p, a) in enumerate(zip(prompts, adapters)):
+            try:
+                prompt = tuple(p)
+            except TypeError:
+                raise RequestError(f"prompt {i} must be a sequence of ints, got {type(p).__name__}") from None
+            self._check_add(AddRequest(f"r{self._seq + i}", prompt, a, max_new_tokens))
         rids = [self.add_request(p, a, max_new_tokens) for p, a in zip(prompts, adapters)]
         from lorainv.checkers.liveness import drain_to_idle
 
@@ -277,6 +285,17 @@ class Engine:
         return events
 
     def _op_AddRequest(self, op: AddRequest) -> list[Event]:
+        history = self._check_add(op)
+        m = op.max_new_tokens
+        req = Request(op.rid, tuple(op.prompt), op.adapter, m, op.session_id, self.clock.now(), self._seq)
+        req.history = history
+        self._seq += 1
+        self.requests[op.rid] = req
+        self.scheduler.waiting.append(req)
+        return [Queued(op.rid, op.adapter, len(op.prompt), m, op.session_id)]
+
+    def _check_add(self, op: AddRequest) -> tuple[int, ...]:
+        """Validate ``op`` without mutating anything; returns the session history it extends."""
         if not isinstance(op.rid, str) or not op.rid or op.rid in self.requests:
             raise RequestError(f"request id {op.rid!r} is empty or already used")
         prompt = op.prompt
@@ -310,12 +329,7 @@ class Engine:
             raise RequestError(
                 f"history+prompt+max_new_tokens = {total} exceeds the model context {self.network.max_context_len}"
             )
-        req = Request(op.rid, tuple(prompt), op.adapter, m, op.session_id, self.clock.now(), self._seq)
-        req.history = history
-        self._seq += 1
-        self.requests[op.rid] = req
-        self.scheduler.waiting.append(req)
-        return [Queued(op.rid, op.adapter, len(prompt), m, op.session_id)]
+        return history
 
     def _op_Abort(self, op: Abort) -> list[Event]:
         req = self._req(op.rid)
@@ -506,12 +520,19 @@ class Engine:
             raise RequestError(f"adapter {op.name!r} is used by live request(s) {live[:8]}; abort or finish them")
         if self.loader is not None and op.name in self.loader.in_flight():
             raise RequestError(f"adapter {op.name!r} has a load in flight; complete transfers first")
+        held = sorted(s.session_id for s in self.sessions.slots.values() if s.tokens and s.adapter == op.name)
+        if held:
+            raise RequestError(f"adapter {op.name!r} computed the KV that session(s) {held[:8]} hold; close them first")
         ev: list[Event] = []
         if op.name in self.pool.pinned:
             self.pool.unpin(op.name)
             ev.append(Unpinned(op.name))
         if op.name in self.pool.uid_to_slot:
             ev.extend(self.pool.evict(op.name))
+        # KV cached under this name came from these weights; a later adapter of the same name must not match it
+        dropped = self.cache.drop_namespace(op.name)
+        if dropped:
+            ev.append(CacheEvicted(dropped))
         del self.registry[op.name]
         ev.append(AdapterUnregistered(op.name))
         return ev

@@ -202,6 +202,31 @@ class PrefixCache:
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
         return freed
 
+    def drop_namespace(self, namespace: Hashable) -> int:
+        """Free every node of ``namespace`` and forget it; returns the tokens freed.
+
+        For an adapter being unloaded: a later adapter of the same name has other weights, so
+        KV cached under the old one must never match again. Raises ``ValueError`` (nothing
+        changed) when a node of the namespace is locked by a live request.
+        """
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0
+        nodes: list[Node] = []
+        stack = list(root.children.values())
+        while stack:
+            n = stack.pop()
+            nodes.append(n)
+            stack.extend(n.children.values())
+        if any(n.lock_ref for n in nodes):
+            raise ValueError(f"prefix-cache namespace {namespace!r} is locked by a live request")
+        freed = sum(len(n.key) for n in nodes)
+        for n in nodes:
+            self.allocator.free(n.value)
+        self._evictable -= freed
+        del self._roots[namespace]
+        return freed
+
     def iter_nodes(self) -> Iterator[Node]:
         """Every non-root node, depth first, namespaces in insertion order."""
         stack = [c for r in reversed(list(self._roots.values())) for c in reversed(list(r.children.values()))]
