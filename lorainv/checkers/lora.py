@@ -42,7 +42,8 @@ class LoraChecker:
                 )
             )
         if len(set(lo.last_batch)) > snap.max_loras_per_batch:
-            out.append(Violation("lora", "L2", "a batch used more adapters than slots", shown(set(lo.last_batch))))
+            batch = sorted(set(lo.last_batch), key=repr)
+            out.append(Violation("lora", "L2", "a batch used more adapters than slots", shown(batch)))
         # L3: what runs is resident and ready; the batch read the right slots
         for r in live:
             if r.adapter not in u2s or r.adapter not in lo.ready:
@@ -70,6 +71,8 @@ class LoraChecker:
         ranks = dict(lo.registered)
         for uid, slot in u2s.items():
             want = 0 if uid is None else ranks.get(uid)
+            if not 0 <= slot < len(lo.ranks):  # already an L1 violation
+                continue
             if want is not None and lo.ranks[slot] != want and uid not in {ld.uid for ld in lo.loads}:
                 out.append(
                     Violation("lora", "L6", f"slot {slot} rank {lo.ranks[slot]} != {uid!r} rank {want}", (slot,))

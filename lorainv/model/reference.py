@@ -99,7 +99,9 @@ class ReferenceModel:
                 if handler is not None:
                     handler(ev)
             except ModelError as e:
+                # later events of this op are consequences of the refused one: report the first
                 new.append(Violation("model", "refinement", f"{op.kind}: {ev} not allowed: {e}", _ids(ev)))
+                break
         self.violations.extend(new)
         return new
 
@@ -122,6 +124,9 @@ class ReferenceModel:
             sess = self.s.sessions.get(ev.session_id)
             if sess is None:
                 raise ModelError(f"session {ev.session_id} is not open")
+            turns = [rid for rid, r in self.s.reqs.items() if r.session == ev.session_id and r.state in LIVE]
+            if turns:
+                raise ModelError(f"session {ev.session_id} already has a live turn {turns[0]}")
             hist = sess.fill
         if ev.adapter is not None and ev.adapter not in self.s.registered:
             raise ModelError(f"adapter {ev.adapter} is not registered")
@@ -166,6 +171,8 @@ class ReferenceModel:
         if ev.rid not in self._batch or ev.chunk_tokens < 1 or ev.chunk_tokens > self.cfg.chunked_prefill_size:
             raise ModelError(f"chunk of {ev.chunk_tokens} outside a batch or over chunked_prefill_size")
         if r.state == "waiting" and r.session is not None:
+            if r.session not in self.s.sessions:
+                raise ModelError(f"session {r.session} is not open")
             self.s.sessions[r.session].active = ev.rid
         r.kv += ev.chunk_tokens
         if r.kv > r.fill or ev.done != (r.kv == r.fill):
@@ -243,6 +250,8 @@ class ReferenceModel:
         self.s.pinned.add(ev.name)
 
     def _on_Unpinned(self, ev: E.Unpinned) -> None:
+        if ev.name not in self.s.pinned:
+            raise ModelError(f"unpin of {ev.name}, which is not pinned")
         self.s.pinned.discard(ev.name)
 
     def _on_LoadStarted(self, ev: E.LoadStarted) -> None:
@@ -295,6 +304,9 @@ class ReferenceModel:
         sess = self.s.sessions.pop(ev.session_id, None)
         if sess is None or sess.active is not None:
             raise ModelError(f"session {ev.session_id} closed while unknown or lent")
+        turns = [rid for rid, r in self.s.reqs.items() if r.session == ev.session_id and r.state in LIVE]
+        if turns:
+            raise ModelError(f"session {ev.session_id} has a live turn {turns[0]}")
         if ev.freed_tokens != self.pages(sess.kv):
             raise ModelError(f"session {ev.session_id} freed {ev.freed_tokens}, held {self.pages(sess.kv)}")
 
