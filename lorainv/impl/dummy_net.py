@@ -18,7 +18,7 @@ from lorainv.impl.dims import ModelDims
 
 class DummyNetwork:
     dims = ModelDims(
-        num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=256
+        num_layers=1, hidden_size=8, num_heads=4, num_kv_heads=2, head_dim=2, intermediate_size=16, vocab_size=256
     )
     vocab_size = 256
     max_context_len = 4096

@@ -102,8 +102,6 @@ class Scheduler:
     def active_adapters(self) -> set[str | None]:
         """Adapters that must stay resident: running ∪ staged ∪ loads in flight (L2)."""
         active = {r.adapter for r in self.running}
-        if faults.on(self.cfg, "admission_ignores_staged_chunk"):
-            return active
         if self.staged is not None:
             active.add(self.staged.adapter)
         if self.loader is not None:
@@ -118,7 +116,14 @@ class Scheduler:
     def _admit_adapter(self, uid: str | None, batch_adapters: set[str | None], ev: list[Event]) -> bool:
         """True when ``uid`` may join this round's batch; may start (or do) its load."""
         self.reap_loads(ev)
-        need = self.active_adapters() | batch_adapters | {uid}
+        if faults.on(self.cfg, "admission_ignores_staged_chunk"):
+            # the historic check: running requests only, not this round's batch, the staged
+            # chunk or the loads in flight
+            need = {r.adapter for r in self.running} | {uid}
+        else:
+            need = self.active_adapters() | batch_adapters | {uid}
+        if uid is None and faults.on(self.cfg, "nonresident_falls_back_to_slot0"):
+            return True  # the historic base-model path: "no adapter" was assumed to need no slot
         if len(need) > self.cfg.max_loras_per_batch:
             return False
         adapter = None if uid is None else self.registry[uid]

@@ -15,6 +15,11 @@ from typing import Any
 
 import pytest
 
+from lorainv.testing.profiles import register_profiles
+
+# registered at import, before Hypothesis's own plugin loads a --hypothesis-profile
+register_profiles()
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lorainv")
@@ -25,6 +30,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("0", "1", "2"),
         help="strict memory-check level for lorainv engines (0 off, 1 idle leak check, 2 every step)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from lorainv.testing.profiles import load_profile_from_env
+
+    if config.getoption("--hypothesis-profile", default=None) is None:
+        load_profile_from_env()
 
 
 def strict_level(config: pytest.Config) -> int:

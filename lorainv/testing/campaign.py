@@ -1,0 +1,109 @@
+"""Run the state machine as a campaign: a fixed example budget or a time limit, a seed,
+progress reporting, and the shrunk failing trace. Used by ``lorainv fuzz``, the fault
+self-test and ``bench/detect.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import seed as hyp_seed
+from hypothesis.errors import Flaky
+from hypothesis.stateful import run_state_machine_as_test
+
+from lorainv.testing.machine import LorainvMachine, make_machine
+from lorainv.trace import Trace
+
+# Config fields under which each fault can exist at all (e.g. a partial page needs page_size 2).
+FAULT_SETUPS: dict[str, dict[str, Any]] = {
+    "stale_overlap_event": {"enable_lora_overlap_loading": True, "max_loras_per_batch": 1},
+    "session_double_count": {"max_total_tokens": 32, "max_loras_per_batch": 3},
+    "retract_leaks_tail": {"page_size": 2, "max_total_tokens": 12},
+    "segments_from_batch_size": {"max_loras_per_batch": 3},
+    "drainer_never_clears": {"lora_drain_wait_threshold": 0.5},
+    "evict_in_batch_adapter": {"max_loras_per_batch": 2},
+    "admission_ignores_staged_chunk": {"max_loras_per_batch": 2, "chunked_prefill_size": 3},
+    "abort_chunked_leaks_kv": {"chunked_prefill_size": 2, "max_total_tokens": 32},
+    "use_before_transfer": {"enable_lora_overlap_loading": True},
+    "pinned_cache_key_collision": {"tp_size": 2},
+    "stale_slot_tail": {},
+    "nonresident_falls_back_to_slot0": {"max_loras_per_batch": 2},
+}
+
+
+@dataclass
+class CampaignResult:
+    found: bool
+    trace: Trace | None
+    trace_path: str | None
+    seconds: float
+    examples: int
+    ops: int
+    states: int
+    transitions: int
+    error: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run_campaign(
+    *,
+    max_examples: int = 200,
+    seed: int = 0,
+    faults: frozenset[str] = frozenset(),
+    network: str = "dummy",
+    numeric: bool = False,
+    steps: int = 30,
+    shrink: bool = True,
+    derandomize: bool = False,
+    overrides: dict[str, Any] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    name: str = "fuzz",
+) -> CampaignResult:
+    """Run ``max_examples`` examples of the machine; stop at the first (shrunk) failure."""
+    cfg: dict[str, Any] = dict(overrides or {})
+    if faults:
+        cfg["faults"] = frozenset(faults)
+        for f in sorted(faults):
+            for k, v in FAULT_SETUPS.get(f, {}).items():
+                cfg.setdefault(k, v)
+    machine: type[LorainvMachine] = make_machine(name, network=network, numeric=numeric, **cfg)
+    if progress is not None:
+        machine.progress = staticmethod(progress)  # type: ignore[attr-defined]
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+    s = settings(
+        max_examples=max_examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        derandomize=derandomize,
+        phases=phases,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
+    )
+    factory = hyp_seed(seed)(machine) if not derandomize else machine
+    t0 = time.monotonic()
+    error = ""
+    try:
+        run_state_machine_as_test(factory, settings=s)
+        found = False
+    except (AssertionError, Flaky) as e:
+        found = True
+        error = str(e).splitlines()[0] if str(e) else type(e).__name__
+    st = machine.stats
+    return CampaignResult(
+        found=found,
+        trace=machine.last_failure if found else None,
+        trace_path=machine.last_trace_path if found else None,
+        seconds=time.monotonic() - t0,
+        examples=st.get("examples", 0),
+        ops=st.get("ops", 0),
+        states=len(st.get("states", ())),
+        transitions=len(st.get("transitions", ())),
+        error=error,
+        stats=st,
+    )

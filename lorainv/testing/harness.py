@@ -1,0 +1,164 @@
+"""Lockstep driver of one `Engine` and one `ReferenceModel`: the single code path shared by
+the Hypothesis machine, ``lorainv replay`` and ``lorainv fuzz``, so a saved trace replays
+exactly as it failed.
+
+After every op: the model validates the events (refinement), every per-pool checker and
+the refinement checker read a fresh snapshot. ``finish()`` is the teardown: complete all
+transfers, step to idle within a bound (liveness), run the idle leak check, and in numeric
+mode compare every finished request's tokens with the same request run alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorainv.checkers import all_checkers, run_checks
+from lorainv.checkers.refinement import RefinementChecker
+from lorainv.config import RuntimeConfig
+from lorainv.errors import InvariantViolation, LorainvError, Violation
+from lorainv.events import Event
+from lorainv.model.reference import ReferenceModel
+from lorainv.ops import AddRequest, CompleteTransfers, LoadAdapter, Op, Step, UnloadAdapter
+
+
+@dataclass
+class OpRecord:
+    op: Op
+    events: list[Event]
+    violations: list[Violation] = field(default_factory=list)
+
+
+class Harness:
+    """Applies ops to an engine and a model in lockstep and collects violations."""
+
+    def __init__(self, cfg: RuntimeConfig, *, numeric: bool = False, model: Any = None) -> None:
+        from lorainv.impl.engine import Engine
+
+        self.cfg = cfg
+        self.engine = Engine(cfg, model=model)
+        self.model = ReferenceModel(cfg)
+        self.checkers = all_checkers([RefinementChecker(self.model)])
+        self.numeric = numeric
+        self.records: list[OpRecord] = []
+        self.sources: dict[str, str] = {}  # adapter name -> source, as registered now
+        self.request_sources: dict[str, str | None] = {}  # rid -> adapter source at submission
+        self.history: dict[str, tuple[int, ...]] = {}  # rid -> session history at submission
+        self.on_record: Callable[[OpRecord], None] | None = None
+
+    @property
+    def ops(self) -> list[Op]:
+        return [r.op for r in self.records]
+
+    def apply(self, op: Op) -> OpRecord:
+        """Apply ``op``; the record carries its events and any violation it caused."""
+        eng = self.engine
+        hist = ()
+        if isinstance(op, AddRequest) and op.session_id is not None:
+            slot = eng.sessions.slots.get(op.session_id)
+            hist = slot.tokens if slot is not None else ()
+        try:
+            events = eng.apply(op)
+        except InvariantViolation as e:
+            rec = OpRecord(op, [], list(e.violations))
+            self._push(rec)
+            return rec
+        except Exception as e:  # a crash of the runtime is a finding, never an error of the harness
+            v = Violation("engine", "crash", f"{op.kind} raised {type(e).__name__}: {e}", (op.kind,))
+            rec = OpRecord(op, [], [v])
+            self._push(rec)
+            return rec
+        rejected = any(ev.kind == "Rejected" for ev in events)
+        if not rejected:
+            if isinstance(op, LoadAdapter):
+                self.sources[op.name] = op.source
+            elif isinstance(op, UnloadAdapter):
+                self.sources.pop(op.name, None)
+            elif isinstance(op, AddRequest):
+                self.request_sources[op.rid] = None if op.adapter is None else self.sources.get(op.adapter)
+                self.history[op.rid] = hist
+        violations = self.model.observe(op, events)
+        violations += run_checks(eng.snapshot(), self.checkers)
+        rec = OpRecord(op, events, violations)
+        self._push(rec)
+        return rec
+
+    def _push(self, rec: OpRecord) -> None:
+        self.records.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    def finish(self, max_steps: int | None = None) -> list[Violation]:
+        """Teardown: liveness (drain to idle within a bound), idle leak check, numerics."""
+        eng = self.engine
+        if max_steps is None:
+            live = [r for r in eng.requests.values() if r.state.live]
+            max_steps = 64 + 8 * sum(len(r.fill) + r.max_new_tokens for r in live)
+        for _ in range(max_steps):
+            if eng.is_idle():
+                break
+            for op in (CompleteTransfers(None), Step()):
+                rec = self.apply(op)
+                if rec.violations:
+                    return rec.violations
+        if not eng.is_idle():
+            live = tuple(r.rid for r in eng.requests.values() if r.state.live)
+            return [
+                Violation("requests", "liveness", f"not idle after {max_steps} steps with no new ops; stalled", live)
+            ]
+        out = run_checks(eng.snapshot(), self.checkers)
+        if not out and self.numeric:
+            out = self.numeric_violations()
+        return out
+
+    def numeric_violations(self) -> list[Violation]:
+        """Each finished request's tokens must equal the same request run alone."""
+        out: list[Violation] = []
+        for rid, req in self.engine.requests.items():
+            if req.finish_reason != "length" or rid not in self.request_sources:
+                continue
+            want = isolated_output(
+                self.cfg, self.request_sources[rid], self.history.get(rid, ()) + req.prompt, req.max_new_tokens
+            )
+            if want != req.output:
+                out.append(
+                    Violation("numerics", "N1", f"{rid} produced {req.output}, alone it produces {want}", (rid,))
+                )
+        return out
+
+
+_ISOLATED: dict[tuple[Any, ...], list[int]] = {}
+
+
+def isolated_output(cfg: RuntimeConfig, source: str | None, prompt: tuple[int, ...], max_new: int) -> list[int]:
+    """The request alone on a fresh, fault-free engine with room for it."""
+    key = (cfg.network, cfg.seed, cfg.dtype, cfg.lora_backend, source, prompt, max_new)
+    if key not in _ISOLATED:
+        from lorainv.impl.engine import Engine
+
+        alone = RuntimeConfig(
+            network=cfg.network,
+            seed=cfg.seed,
+            dtype=cfg.dtype,
+            lora_backend=cfg.lora_backend,
+            max_total_tokens=max(64, 2 * (len(prompt) + max_new)),
+            chunked_prefill_size=max(1, len(prompt)),
+            max_loras_per_batch=2,
+            max_lora_rank=cfg.max_lora_rank,
+            device="cpu",
+        )
+        eng = Engine(alone)
+        if source is not None:
+            eng.load_adapter("x", source)
+        rid = eng.add_request(list(prompt), "x" if source is not None else None, max_new)
+        for _ in range(4 * (len(prompt) + max_new) + 16):
+            if eng.is_idle():
+                break
+            eng.step()
+        _ISOLATED[key] = eng.output(rid)
+    return list(_ISOLATED[key])
+
+
+def is_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, LorainvError) and not isinstance(exc, InvariantViolation)

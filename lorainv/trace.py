@@ -1,0 +1,190 @@
+"""Traces (DESIGN §7): a config, a seed and a list of ops, saved as JSON and replayed exactly.
+
+Format::
+
+    {"format": 1, "lorainv": "0.1.0", "config": {...RuntimeConfig...}, "seed": 0,
+     "numeric": false, "ops": [{"op": "AddRequest", ...}, ...],
+     "expect": {"pool": "kv", "invariant": "K3"} | null}
+
+Traces are written atomically (temp file + rename) and validated on load: every problem is
+a `TraceError` naming the field. Files over ``MAX_TRACE_BYTES`` are refused unread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from lorainv import __version__
+from lorainv.config import RuntimeConfig
+from lorainv.errors import ConfigError, TraceError, Violation
+from lorainv.ops import Op
+
+FORMAT = 1
+MAX_TRACE_BYTES = 8 * 1024 * 1024
+MAX_OPS = 100_000
+
+
+@dataclass(frozen=True)
+class Trace:
+    config: RuntimeConfig
+    ops: tuple[Op, ...]
+    seed: int = 0
+    numeric: bool = False
+    expect: dict[str, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "lorainv": __version__,
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "numeric": self.numeric,
+            "ops": [op.to_dict() for op in self.ops],
+            "expect": self.expect,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Trace:
+        if not isinstance(data, dict):
+            raise TraceError(f"trace must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"format", "lorainv", "config", "seed", "numeric", "ops", "expect", "meta"})
+        if unknown:
+            raise TraceError(f"trace: unknown field(s) {unknown}")
+        for key in ("format", "config", "ops"):
+            if key not in data:
+                raise TraceError(f"trace: missing field {key!r}")
+        if data["format"] != FORMAT:
+            raise TraceError(f"trace: format {data['format']!r} is not supported (this lorainv reads format {FORMAT})")
+        try:
+            config = RuntimeConfig.from_dict(data["config"])
+        except ConfigError as e:
+            raise TraceError(f"trace.config: {e}") from None
+        seed = data.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TraceError(f"trace.seed must be an int, got {type(seed).__name__}")
+        numeric = data.get("numeric", False)
+        if not isinstance(numeric, bool):
+            raise TraceError(f"trace.numeric must be a bool, got {type(numeric).__name__}")
+        raw_ops = data["ops"]
+        if not isinstance(raw_ops, list):
+            raise TraceError(f"trace.ops must be a list, got {type(raw_ops).__name__}")
+        if len(raw_ops) > MAX_OPS:
+            raise TraceError(f"trace.ops has {len(raw_ops)} ops; at most {MAX_OPS}")
+        ops = []
+        for i, raw in enumerate(raw_ops):
+            try:
+                ops.append(Op.from_dict(raw))
+            except TraceError as e:
+                raise TraceError(f"trace.ops[{i}]: {e}") from None
+        expect = data.get("expect")
+        if expect is not None and (
+            not isinstance(expect, dict) or not all(isinstance(v, str) for v in expect.values())
+        ):
+            raise TraceError("trace.expect must be null or an object of strings, e.g. {'pool': 'kv'}")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise TraceError("trace.meta must be an object")
+        return cls(config, tuple(ops), seed, numeric, expect, meta)
+
+
+def save(trace: Trace, path: str | os.PathLike[str]) -> Path:
+    """Write ``trace`` atomically; returns the final path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(trace.to_dict(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike[str]) -> Trace:
+    """Read and validate a trace file; every problem is a `TraceError`."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise TraceError(f"cannot read trace {p}: {e.strerror or e}") from None
+    if size > MAX_TRACE_BYTES:
+        raise TraceError(f"trace {p} is {size} bytes; at most {MAX_TRACE_BYTES}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceError(f"cannot read trace {p}: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"trace {p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    return Trace.from_dict(data)
+
+
+def trace_dir() -> Path:
+    return Path(os.environ.get("LORAINV_TRACE_DIR", ".lorainv/traces"))
+
+
+@dataclass
+class ReplayResult:
+    violations: list[Violation]
+    failed_at: int | None  # index of the op that caused the first violation (None: teardown or clean)
+    records: list[Any]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def matches(self, expect: dict[str, str] | None) -> bool:
+        """True when the run ends as ``expect`` says: clean for None, else a violation with those fields."""
+        if expect is None:
+            return self.ok
+        return any(all(str(getattr(v, k, "")) == want for k, want in expect.items()) for v in self.violations)
+
+
+def replay(trace: Trace, *, on_record: Callable[[Any], None] | None = None) -> ReplayResult:
+    """Re-run ``trace`` on a fresh engine and model; stops at the first violation."""
+    from lorainv.testing.harness import Harness
+
+    h = Harness(trace.config, numeric=trace.numeric)
+    h.on_record = on_record
+    for i, op in enumerate(trace.ops):
+        rec = h.apply(op)
+        if rec.violations:
+            return ReplayResult(rec.violations, i, h.records)
+    return ReplayResult(h.finish(), None, h.records)
+
+
+def print_replay(trace: Trace, out: TextIO, verbose: bool = False) -> ReplayResult:
+    """Replay printing each op and its events; the first violation with its offenders."""
+    n_ops = len(trace.ops)
+
+    def show(rec: Any) -> None:
+        i = len(shown)
+        shown.append(rec)
+        tag = f"{i:>4}" if i < n_ops else "   ~"  # ~ marks the teardown drain
+        if verbose or i < n_ops or rec.violations:
+            out.write(f"{tag} {rec.op}\n")
+            for ev in rec.events:
+                out.write(f"       -> {ev}\n")
+
+    shown: list[Any] = []
+    res = replay(trace, on_record=show)
+    if res.violations:
+        where = f"op {res.failed_at}" if res.failed_at is not None else "teardown (liveness / idle leak check)"
+        out.write(f"\nFIRST VIOLATION at {where}:\n")
+        for v in res.violations:
+            out.write(f"  {v}\n")
+    else:
+        out.write(f"\nclean: {n_ops} ops, no violation\n")
+    return res
