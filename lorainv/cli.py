@@ -1,0 +1,275 @@
+"""The ``lorainv`` command line: ``generate``, ``fuzz``, ``replay`` and ``bench``.
+
+Exit codes: 0 clean, 1 a violation was found, 2 a usage error or an invalid input file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from lorainv import __version__
+from lorainv.errors import LorainvError, TraceError
+
+DEFAULT_PROMPTS = ["The adapter said", "Multi-LoRA serving", "KV cache pressure", "hello"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorainv", description="Prove a multi-LoRA serving runtime correct.")
+    p.add_argument("--version", action="version", version=f"lorainv {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="serve a few mixed-adapter requests and print their tokens")
+    g.add_argument("--model", help="Hugging Face Llama checkpoint dir (default: the embedded tiny model)")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="PEFT adapter (repeatable)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt-ids", action="append", metavar="1,2,3", help="token ids (repeatable)")
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="text; bytes map to ids (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=8)
+    g.add_argument("--backend", choices=["torch_native", "triton"], default="torch_native")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+
+    f = sub.add_parser("fuzz", help="stateful fuzzing campaign against the reference model and every checker")
+    f.add_argument("--max-examples", type=int, default=None, help="stop after this many examples")
+    f.add_argument("--minutes", type=float, default=None, help="time budget (default 0.75 with no budget given)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--strict", type=int, choices=[0, 1, 2], default=0, help="engine strict_mem_check level")
+    f.add_argument("--faults", default="", help="comma-separated faults to enable (see --list-faults)")
+    mode = f.add_mutually_exclusive_group()
+    mode.add_argument("--fast", action="store_true", help="dummy network only (memory and scheduling)")
+    mode.add_argument("--numeric", action="store_true", help="tiny Llama, outputs checked against isolated runs")
+    f.add_argument("--json", metavar="REPORT", help="write a JSON report")
+    f.add_argument("--list-faults", action="store_true", help="print the fault catalogue and exit")
+    f.add_argument("--quiet", action="store_true", help="no live progress line")
+
+    r = sub.add_parser("replay", help="re-run a saved trace deterministically")
+    r.add_argument("trace")
+    r.add_argument("--verbose", action="store_true", help="also print the teardown drain steps")
+
+    b = sub.add_parser("bench", help="run a benchmark from bench/ (from the repository root)")
+    b.add_argument("name")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+# -- generate ----------------------------------------------------------------------------------
+def cmd_generate(a: argparse.Namespace, out: TextIO) -> int:
+    from lorainv.config import RuntimeConfig
+    from lorainv.impl.engine import Engine
+
+    cfg = RuntimeConfig(lora_backend=a.backend, dtype=a.dtype, device="cpu", max_total_tokens=4096)
+    engine = Engine(cfg, model=a.model)
+    names: list[str | None] = [None]
+    if a.adapter:
+        for spec in a.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise LorainvError(f"--adapter expects NAME=DIR, got {spec!r}")
+            engine.load_adapter(name, path)
+            names.append(name)
+    else:
+        for i, rank in enumerate((8, 4, 16)):
+            name = f"gen{i}"
+            engine.load_adapter(name, f"gen:{rank}:{i + 1}")
+            names.append(name)
+    vocab = engine.network.vocab_size
+    if a.prompt_ids:
+        prompts = [[int(t) for t in s.split(",") if t.strip()] for s in a.prompt_ids]
+    else:
+        texts = a.prompt or DEFAULT_PROMPTS
+        prompts = [[b % vocab for b in t.encode()] for t in texts]
+    jobs = [(p, names[i % len(names)]) for i, p in enumerate(prompts)]
+    if not a.prompt_ids and not a.prompt:
+        jobs += [(p, names[(i + 1) % len(names)]) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    rids = [engine.add_request(p, ad, a.max_new_tokens) for p, ad in jobs]
+    steps = 0
+    while not engine.is_idle():
+        engine.step()
+        steps += 1
+    dt = time.perf_counter() - t0
+    model = a.model or f"tiny (seed {cfg.seed}, {engine.network.dims.num_layers} layers)"
+    out.write(f"lorainv generate — model {model}, backend {cfg.lora_backend}, {len(names) - 1} adapter(s)\n\n")
+    out.write(f"{'req':<5} {'adapter':<10} {'prompt':<28} output tokens\n")
+    out.write(f"{'-' * 5} {'-' * 10} {'-' * 28} {'-' * 40}\n")
+    for rid, (p, ad) in zip(rids, jobs):
+        shown = ",".join(map(str, p))
+        shown = shown if len(shown) <= 28 else shown[:25] + "..."
+        out.write(f"{rid:<5} {ad or '(base)':<10} {shown:<28} {engine.output(rid)}\n")
+    ntok = sum(len(engine.output(r)) for r in rids)
+    out.write(f"\n{len(rids)} requests, {ntok} tokens in {steps} scheduler steps, {dt:.2f}s wall\n")
+    violations = engine.check()
+    out.write("invariants: clean\n" if not violations else f"invariants: {len(violations)} violation(s)\n")
+    return 0 if not violations else 1
+
+
+# -- fuzz --------------------------------------------------------------------------------------
+def cmd_list_faults(out: TextIO) -> int:
+    from lorainv.impl.faults import FAULTS
+
+    width = max(map(len, FAULTS))
+    for name, desc in FAULTS.items():
+        out.write(f"{name:<{width}}  {desc}\n")
+    return 0
+
+
+def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
+    from lorainv.impl.faults import FAULTS
+    from lorainv.testing.campaign import run_campaign
+
+    if a.list_faults:
+        return cmd_list_faults(out)
+    faults = frozenset(f.strip() for f in a.faults.split(",") if f.strip())
+    unknown = sorted(faults - set(FAULTS))
+    if unknown:
+        sys.stderr.write(f"lorainv fuzz: unknown fault(s) {unknown}; see lorainv fuzz --list-faults\n")
+        return 2
+    if a.max_examples is not None and a.max_examples < 1:
+        sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
+        return 2
+    if a.minutes is not None and not a.minutes > 0:
+        sys.stderr.write("lorainv fuzz: --minutes must be > 0\n")
+        return 2
+    budget_s = 60 * (a.minutes if a.minutes is not None else (0.75 if a.max_examples is None else 1e9))
+    modes = ["numeric"] if a.numeric else ["fast"] if a.fast else ["fast", "fast", "fast", "numeric"]
+    overrides = {"strict_mem_check": a.strict} if a.strict else {}
+    total = {"examples": 0, "ops": 0, "states": set(), "transitions": set()}
+    t0 = time.monotonic()
+    live = not a.quiet and out.isatty()
+    report: dict[str, Any] = {"seed": a.seed, "faults": sorted(faults), "strict": a.strict, "rounds": []}
+    found = None
+    rnd = 0
+    out.write(f"lorainv fuzz: seed {a.seed}, modes {sorted(set(modes))}, faults {sorted(faults) or 'none'}\n")
+    while True:
+        elapsed = time.monotonic() - t0
+        left = None if a.max_examples is None else a.max_examples - total["examples"]
+        if elapsed >= budget_s or (left is not None and left <= 0):
+            break
+        mode = modes[rnd % len(modes)]
+        chunk = 50 if mode == "fast" else 8
+        chunk = chunk if left is None else max(1, min(chunk, left))
+
+        def progress(st: dict[str, Any], mode: str = mode) -> None:
+            if not live:
+                return
+            ex = total["examples"] + st.get("examples", 0)
+            ops = total["ops"] + st.get("ops", 0)
+            dt = max(time.monotonic() - t0, 1e-9)
+            states = len(total["states"] | st.get("states", set()))
+            out.write(
+                f"\r  [{mode:>7}] examples {ex:>6}  ops {ops:>8}  {ops / dt:>7.0f} ops/s  "
+                f"states {states:>5}  violations 0   "
+            )
+            out.flush()
+
+        res = run_campaign(
+            max_examples=chunk,
+            seed=a.seed * 1000 + rnd,
+            faults=faults,
+            network="tiny" if mode == "numeric" else "dummy",
+            numeric=mode == "numeric",
+            overrides=overrides,
+            progress=progress,
+            name=f"fuzz-{mode}",
+        )
+        total["examples"] += res.examples
+        total["ops"] += res.ops
+        total["states"] |= res.stats.get("states", set())
+        total["transitions"] |= res.stats.get("transitions", set())
+        report["rounds"].append({"mode": mode, "examples": res.examples, "ops": res.ops, "seconds": res.seconds})
+        rnd += 1
+        if res.found:
+            found = res
+            break
+    dt = time.monotonic() - t0
+    if live:
+        out.write("\n")
+    rows = [
+        ("examples", total["examples"]),
+        ("ops", total["ops"]),
+        ("ops/s", f"{total['ops'] / max(dt, 1e-9):.0f}"),
+        ("distinct states", len(total["states"])),
+        ("transitions", len(total["transitions"])),
+        ("wall time", f"{dt:.1f}s"),
+        ("violations", 0 if found is None else 1),
+    ]
+    out.write("\n  summary\n  " + "-" * 32 + "\n")
+    for k, v in rows:
+        out.write(f"  {k:<18}{v:>14}\n")
+    report.update(
+        {
+            "examples": total["examples"],
+            "ops": total["ops"],
+            "ops_per_s": total["ops"] / max(dt, 1e-9),
+            "states": len(total["states"]),
+            "transitions": len(total["transitions"]),
+            "seconds": dt,
+            "violations": 0 if found is None else 1,
+        }
+    )
+    if found is not None:
+        assert found.trace is not None
+        report["violation"] = found.trace.meta.get("message", found.error)
+        report["expect"] = found.trace.expect
+        report["trace"] = found.trace_path
+        report["trace_ops"] = len(found.trace.ops)
+        out.write(f"\nVIOLATION ({found.trace.expect}): {found.trace.meta.get('message', found.error)}\n")
+        out.write(f"shrunk trace: {len(found.trace.ops)} ops -> {found.trace_path}\n")
+        out.write(f"replay with:  lorainv replay {found.trace_path}\n")
+    else:
+        out.write("\nclean: no violation found\n")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 1 if found is not None else 0
+
+
+# -- replay / bench ----------------------------------------------------------------------------
+def cmd_replay(a: argparse.Namespace, out: TextIO) -> int:
+    from lorainv.trace import load, print_replay
+
+    trace = load(a.trace)
+    out.write(f"replaying {a.trace}: {len(trace.ops)} ops, faults {sorted(trace.config.faults) or 'none'}\n\n")
+    res = print_replay(trace, out, verbose=a.verbose)
+    return 1 if res.violations else 0
+
+
+def cmd_bench(a: argparse.Namespace, out: TextIO) -> int:
+    import importlib
+    import os
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(f"bench.{a.name}")
+    except ModuleNotFoundError:
+        sys.stderr.write(f"lorainv bench: no benchmark bench/{a.name}.py (run from the repository root)\n")
+        return 2
+    return int(mod.main(a.args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    out = sys.stdout
+    try:
+        if a.cmd == "generate":
+            return cmd_generate(a, out)
+        if a.cmd == "fuzz":
+            return cmd_fuzz(a, out)
+        if a.cmd == "replay":
+            return cmd_replay(a, out)
+        return cmd_bench(a, out)
+    except TraceError as e:
+        sys.stderr.write(f"lorainv {a.cmd}: TraceError: {e}\n")
+        return 2
+    except LorainvError as e:
+        sys.stderr.write(f"lorainv {a.cmd}: {type(e).__name__}: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
