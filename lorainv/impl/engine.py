@@ -261,7 +261,12 @@ class Engine:
 
     # -- op dispatch ------------------------------------------------------------------------
     def apply(self, op: Op) -> list[Event]:
-        """Apply one op; a refused op becomes a `Rejected` event (state unchanged)."""
+        """Apply one op; a refused op becomes a `Rejected` event (state unchanged).
+
+        A ``Step`` is never refused: an error inside it is a runtime failure and propagates.
+        """
+        if isinstance(op, Step):
+            return self._do(op)
         try:
             return self._do(op)
         except InvariantViolation:

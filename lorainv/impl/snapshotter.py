@@ -54,9 +54,11 @@ def _hygiene(engine: Any) -> list[tuple[Any, str]]:
     for uid, slot in pool.uid_to_slot.items():
         if uid in loading:
             continue
-        key = (slot, uid, id(pool.tenants.get(uid)))
+        # (slot, uid, load tick) names one load exactly; object ids could be reused after GC
+        key = (slot, uid, pool._loaded_at.get(uid))
         if key not in seen:
-            seen.clear() if len(seen) > 4 * pool.num_slots else None
+            if len(seen) > 4 * pool.num_slots:
+                seen.clear()
             seen[key] = tuple(pool.hygiene_violations(uid))
         out.extend((uid, msg) for msg in seen[key])
     return out
