@@ -143,6 +143,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     report: dict[str, Any] = {"seed": a.seed, "faults": sorted(faults), "strict": a.strict, "rounds": []}
     found = None
     rnd = 0
+    last_line = t0
     out.write(f"lorainv fuzz: seed {a.seed}, modes {sorted(set(modes))}, faults {sorted(faults) or 'none'}\n")
     while True:
         elapsed = time.monotonic() - t0
@@ -150,7 +151,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
         if elapsed >= budget_s or (left is not None and left <= 0):
             break
         mode = modes[rnd % len(modes)]
-        chunk = 50 if mode == "fast" else 8
+        chunk = 25 if mode == "fast" else 3  # small rounds keep the time budget tight
         chunk = chunk if left is None else max(1, min(chunk, left))
 
         def progress(st: dict[str, Any], mode: str = mode) -> None:
@@ -182,6 +183,13 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
         total["transitions"] |= res.stats.get("transitions", set())
         report["rounds"].append({"mode": mode, "examples": res.examples, "ops": res.ops, "seconds": res.seconds})
         rnd += 1
+        if not live and not a.quiet and time.monotonic() - last_line >= 10:
+            last_line = time.monotonic()
+            out.write(
+                f"  {time.monotonic() - t0:>5.0f}s  examples {total['examples']:>6}  ops {total['ops']:>8}  "
+                f"states {len(total['states']):>5}\n"
+            )
+            out.flush()
         if res.found:
             found = res
             break
@@ -254,6 +262,10 @@ def cmd_bench(a: argparse.Namespace, out: TextIO) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
+    import torch
+
+    # tiny tensors: intra-op threads cost more than they give (fuzz workers parallelise by process)
+    torch.set_num_threads(1)
     out = sys.stdout
     try:
         if a.cmd == "generate":

@@ -11,3 +11,7 @@ import torch
 # module is imported (``triton.jit`` reads it at decoration time). Keep a GPU run native.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The suite runs in xdist workers on a 2-core machine; intra-op threads in each worker only
+# fight each other over the tiny tensors used here (measured: small ops 3-100x slower).
+torch.set_num_threads(1)

@@ -63,7 +63,14 @@ def run_campaign(
     progress: Callable[[dict[str, Any]], None] | None = None,
     name: str = "fuzz",
 ) -> CampaignResult:
-    """Run ``max_examples`` examples of the machine; stop at the first (shrunk) failure."""
+    """Run ``max_examples`` examples of the machine; stop at the first (shrunk) failure.
+
+    Sets torch to one intra-op thread: a campaign's tensors are tiny, and parallel campaigns
+    run as separate processes.
+    """
+    import torch
+
+    torch.set_num_threads(1)
     cfg: dict[str, Any] = dict(overrides or {})
     if faults:
         cfg["faults"] = frozenset(faults)
