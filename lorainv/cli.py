@@ -253,8 +253,13 @@ def cmd_bench(a: argparse.Namespace, out: TextIO) -> int:
     sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(f"bench.{a.name}")
-    except ModuleNotFoundError:
-        sys.stderr.write(f"lorainv bench: no benchmark bench/{a.name}.py (run from the repository root)\n")
+    except ModuleNotFoundError as e:
+        target = f"bench.{a.name}"
+        if e.name and target != e.name and not target.startswith(e.name + "."):
+            # the benchmark exists; something it imports does not
+            sys.stderr.write(f"lorainv bench: bench/{a.name}.py needs the missing module {e.name!r}: {e}\n")
+        else:
+            sys.stderr.write(f"lorainv bench: no benchmark bench/{a.name}.py (run from the repository root)\n")
         return 2
     return int(mod.main(a.args) or 0)
 

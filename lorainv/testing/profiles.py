@@ -41,7 +41,13 @@ def database_from_env(env: Mapping[str, str] | None = None) -> ExampleDatabase |
 
 
 def register_profiles(env: Mapping[str, str] | None = None) -> None:
-    shared: dict[str, Any] = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+    # parent: Hypothesis's defaults, not the profile loaded now (a bare settings() inherits that,
+    # so re-registering while ``ci`` is active would give ``dev`` derandomize=True and no database)
+    shared: dict[str, Any] = {
+        "parent": settings.get_profile("default"),
+        "deadline": None,
+        "suppress_health_check": [HealthCheck.too_slow],
+    }
     db = database_from_env(env)
     local: dict[str, Any] = {} if db is None else {"database": db}
     settings.register_profile("ci", derandomize=True, database=None, max_examples=60, print_blob=True, **shared)

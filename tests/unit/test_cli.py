@@ -1,0 +1,253 @@
+"""The ``lorainv`` command line: in process through ``lorainv.cli.main`` (with capsys) and, for
+the end-to-end paths, as the installed ``lorainv`` script in a subprocess.
+
+Exit codes: 0 clean, 1 a violation was found, 2 a usage error or an invalid input file.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorainv.cli import main
+from lorainv.config import RuntimeConfig
+from lorainv.impl.faults import FAULTS
+from lorainv.ops import AddRequest, LoadAdapter, Step
+from lorainv.trace import Trace, save
+
+ROW = re.compile(r"^(r\d+)\s+(\S+)\s+(\S+)\s+(\[[\d, ]*\])$", re.MULTILINE)
+REPLAY_WITH = re.compile(r"replay with:\s+lorainv replay (\S+)")
+SUBCOMMANDS = ("generate", "fuzz", "replay", "bench")
+
+
+def lorainv_cmd() -> list[str]:
+    """The installed console script next to this interpreter, else ``python -m lorainv.cli``."""
+    script = Path(sys.executable).with_name("lorainv")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lorainv.cli"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LORAINV_TRACE_DIR=str(cwd / "traces"))
+    for var in ("LORAINV_FAULTS", "LORAINV_STRICT_MEM_CHECK"):
+        env.pop(var, None)
+    return subprocess.run(
+        [*lorainv_cmd(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def rows(text: str) -> list[tuple[str, str, str, list[int]]]:
+    """The request rows of a ``generate`` table: (rid, adapter, prompt, output tokens)."""
+    return [(m[0], m[1], m[2], ast.literal_eval(m[3])) for m in ROW.findall(text)]
+
+
+# -- help, version, usage ------------------------------------------------------------------------
+def test_help_in_a_subprocess(tmp_path: Path) -> None:
+    res = run_cli(["--help"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: lorainv")
+    for cmd in SUBCOMMANDS:
+        assert cmd in res.stdout
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_subcommand_help(capsys: pytest.CaptureFixture[str], cmd: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([cmd, "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: lorainv {cmd}")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from lorainv import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lorainv {__version__}"
+
+
+@pytest.mark.parametrize("argv", [[], ["serve"], ["generate", "--max-new-tokens", "x"], ["fuzz", "--strict", "3"]])
+def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: lorainv" in capsys.readouterr().err
+
+
+# -- generate ------------------------------------------------------------------------------------
+def test_generate_default_serves_eight_mixed_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert [r[0] for r in table] == [f"r{i}" for i in range(8)]
+    assert {r[1] for r in table} == {"(base)", "gen0", "gen1", "gen2"}
+    assert all(len(r[3]) == 8 and all(0 <= t < 256 for t in r[3]) for r in table)
+    assert "8 requests, 64 tokens" in out
+    assert "invariants: clean" in out
+
+
+def test_generate_prompt_ids_one_row(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert len(table) == 1
+    rid, adapter, prompt, tokens = table[0]
+    assert (rid, adapter, prompt) == ("r0", "(base)", "1,2,3")
+    assert len(tokens) == 4
+    assert "invariants: clean" in out
+    # the same request served alone by the engine, with the CLI's config, gives the same tokens
+    from lorainv.impl.engine import Engine
+
+    engine = Engine(RuntimeConfig(device="cpu", max_total_tokens=4096))
+    assert engine.generate([[1, 2, 3]], max_new_tokens=4) == [tokens]
+
+
+@pytest.mark.parametrize("spec", ["bad", "=dir", "name=", "="])
+def test_generate_adapter_without_name_and_dir_exits_2(capsys: pytest.CaptureFixture[str], spec: str) -> None:
+    assert main(["generate", "--adapter", spec]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter expects NAME=DIR" in err and repr(spec) in err
+
+
+def test_generate_adapter_dir_missing_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["generate", "--adapter", f"x={tmp_path / 'absent'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorainv generate: Adapter") and "absent" in err
+
+
+# -- fuzz ----------------------------------------------------------------------------------------
+def test_fuzz_list_faults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fuzz", "--list-faults"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(FAULTS) == 12 and len(lines) == 12
+    for line, (name, desc) in zip(lines, FAULTS.items()):
+        assert line.split()[0] == name
+        assert line.endswith("  " + desc)
+
+
+@pytest.mark.parametrize("faults", ["nope", "stale_overlap_event,nope"])
+def test_fuzz_unknown_fault_exits_2(capsys: pytest.CaptureFixture[str], faults: str) -> None:
+    assert main(["fuzz", "--faults", faults, "--max-examples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown fault(s) ['nope']" in err and "--list-faults" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-examples", "0"], "--max-examples must be >= 1"),
+        (["--max-examples", "-3"], "--max-examples must be >= 1"),
+        (["--minutes", "0"], "--minutes must be > 0"),
+        (["--minutes", "nan"], "--minutes must be > 0"),
+    ],
+)
+def test_fuzz_bad_budget_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["fuzz", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "summary" not in captured.out  # refused before any round ran
+
+
+def test_fuzz_clean_campaign_writes_a_json_report(tmp_path: Path) -> None:
+    report = tmp_path / "out" / "report.json"
+    res = run_cli(["fuzz", "--fast", "--max-examples", "40", "--seed", "1", "--json", str(report)], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "clean: no violation found" in res.stdout
+    data = json.loads(report.read_text())
+    assert data["examples"] >= 40 and data["ops"] > 0 and data["violations"] == 0
+    assert data["seed"] == 1 and data["faults"] == []
+    assert sum(r["examples"] for r in data["rounds"]) == data["examples"]
+    assert not (tmp_path / "traces").exists() or not list((tmp_path / "traces").iterdir())
+
+
+def test_fuzz_finds_a_fault_and_replay_reproduces_it(tmp_path: Path) -> None:
+    args = ["fuzz", "--faults", "stale_overlap_event", "--seed", "0", "--fast", "--max-examples", "300"]
+    res = run_cli(args, tmp_path, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    found = REPLAY_WITH.search(res.stdout)
+    assert found, res.stdout
+    path = Path(found.group(1))
+    assert path.parent == tmp_path / "traces" and path.is_file()
+    trace = json.loads(path.read_text())
+    assert trace["config"]["faults"] == ["stale_overlap_event"] and trace["expect"]
+
+    rep = run_cli(["replay", str(path)], tmp_path)
+    assert rep.returncode == 1, rep.stdout + rep.stderr
+    assert "FIRST VIOLATION" in rep.stdout
+    assert f"[{trace['expect']['pool']}/{trace['expect']['invariant']}]" in rep.stdout
+
+
+# -- replay --------------------------------------------------------------------------------------
+def test_replay_clean_trace(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ops = (LoadAdapter("a", "gen:4:1"), AddRequest("x", (1, 2, 3), "a", 2), AddRequest("y", (4, 5), None, 2), Step())
+    path = save(Trace(RuntimeConfig(network="dummy", max_loras_per_batch=2), ops), tmp_path / "clean.json")
+    assert main(["replay", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"clean: {len(ops)} ops, no violation" in out
+    assert "FIRST VIOLATION" not in out
+    assert "AdapterRegistered(name=a" in out and "Queued(rid=x" in out
+
+
+def test_replay_verbose_shows_the_teardown_drain(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ops = (AddRequest("x", (1, 2, 3), None, 3),)
+    path = save(Trace(RuntimeConfig(network="dummy"), ops), tmp_path / "t.json")
+    assert main(["replay", str(path)]) == 0
+    quiet = capsys.readouterr().out
+    assert main(["replay", "--verbose", str(path)]) == 0
+    verbose = capsys.readouterr().out
+    assert "   ~ Step()" not in quiet and "   ~ Step()" in verbose and "Finished(rid=x" in verbose
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"format": 1, "ops": []}', "missing field 'config'"),
+        ('{"format": 99, "config": {}, "ops": []}', "format 99 is not supported"),
+        ('{"format": 1, "config": {}, "ops": [{"op": "Nope"}]}', "trace.ops[0]"),
+    ],
+)
+def test_replay_invalid_trace_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorainv replay: TraceError:") and message in err
+
+
+def test_replay_missing_file_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["replay", str(tmp_path / "absent.json")]) == 2
+    assert "cannot read trace" in capsys.readouterr().err
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def test_bench_nonexistent_exits_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))  # cmd_bench puts the working directory first
+    assert main(["bench", "nonexistent"]) == 2
+    assert "no benchmark bench/nonexistent.py" in capsys.readouterr().err
+
+
+def test_bench_with_a_missing_dependency_names_it(tmp_path: Path) -> None:
+    """Regression: a benchmark whose own import fails was reported as "no benchmark"."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    (tmp_path / "bench" / "needsdep.py").write_text(
+        "import lorainv_no_such_dependency\n\n\ndef main(argv):\n    return 0\n"
+    )
+    (tmp_path / "bench" / "ok.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
+    res = run_cli(["bench", "needsdep"], tmp_path)
+    assert res.returncode == 2
+    assert "needs the missing module 'lorainv_no_such_dependency'" in res.stderr
+    assert "no benchmark" not in res.stderr
+    res = run_cli(["bench", "ok", "--quick"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "ran ['--quick']" in res.stdout
