@@ -131,8 +131,8 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     if a.max_examples is not None and a.max_examples < 1:
         sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
         return 2
-    if a.minutes is not None and not a.minutes > 0:
-        sys.stderr.write("lorainv fuzz: --minutes must be > 0\n")
+    if a.minutes is not None and not 0 < a.minutes < float("inf"):
+        sys.stderr.write("lorainv fuzz: --minutes must be a finite number > 0\n")
         return 2
     budget_s = 60 * (a.minutes if a.minutes is not None else (0.75 if a.max_examples is None else 1e9))
     modes = ["numeric"] if a.numeric else ["fast"] if a.fast else ["fast", "fast", "fast", "numeric"]
