@@ -144,8 +144,9 @@ def test_fuzz_unknown_fault_exits_2(capsys: pytest.CaptureFixture[str], faults: 
     [
         (["--max-examples", "0"], "--max-examples must be >= 1"),
         (["--max-examples", "-3"], "--max-examples must be >= 1"),
-        (["--minutes", "0"], "--minutes must be > 0"),
-        (["--minutes", "nan"], "--minutes must be > 0"),
+        (["--minutes", "0"], "--minutes must be a finite number > 0"),
+        (["--minutes", "inf"], "--minutes must be a finite number > 0"),
+        (["--minutes", "nan"], "--minutes must be a finite number > 0"),
     ],
 )
 def test_fuzz_bad_budget_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
