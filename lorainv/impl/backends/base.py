@@ -18,7 +18,6 @@ class LoraBackend(ABC):
 
     name: str = ""
 
-    @abstractmethod
     def apply(
         self,
         x: torch.Tensor,
@@ -37,6 +36,24 @@ class LoraBackend(ABC):
         B ``[P, sum(out_sizes), R]`` with ``S = len(out_sizes)``; ``T == info.seg_indptr[-1]``.
         A rank-0 slot adds exactly nothing. Returns ``base_out`` (updated in place).
         """
+        n_slices, max_rank = check_shapes(x, base_out, A, B, out_sizes)
+        if x.shape[0] == 0 or info.num_segments == 0 or info.max_len == 0:
+            return base_out
+        return self._apply(x, base_out, A, B, info, out_sizes, n_slices, max_rank)
+
+    @abstractmethod
+    def _apply(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        info: LoraBatchInfo,
+        out_sizes: tuple[int, ...],
+        n_slices: int,
+        max_rank: int,
+    ) -> torch.Tensor:
+        """The backend's kernel(s) for a validated, non-empty batch (same semantics as `apply`)."""
 
 
 def check_shapes(

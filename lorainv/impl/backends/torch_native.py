@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorainv.impl.backends.base import LoraBackend, check_shapes
+from lorainv.impl.backends.base import LoraBackend
 from lorainv.impl.batch import LoraBatchInfo
 
 
@@ -16,7 +16,7 @@ class TorchNativeBackend(LoraBackend):
 
     name = "torch_native"
 
-    def apply(
+    def _apply(
         self,
         x: torch.Tensor,
         base_out: torch.Tensor,
@@ -24,16 +24,15 @@ class TorchNativeBackend(LoraBackend):
         B: torch.Tensor,
         info: LoraBatchInfo,
         out_sizes: tuple[int, ...],
+        n_slices: int,
+        max_rank: int,
     ) -> torch.Tensor:
         """Semantics: ``y[t, off_i:off_i+o_i] = base_out[t, off_i:off_i+o_i]
         + s_p * (x[t] @ A[p, i*R : i*R+r_p].T) @ B[p, off_i:off_i+o_i, :r_p].T`` for token t of a
         segment on slot p, slice i. Shapes: x ``[T, in]``, base_out ``[T, out]``, A ``[P, S*R, in]``,
         B ``[P, out, R]``. Returns ``base_out`` updated in place.
         """
-        n_slices, max_rank = check_shapes(x, base_out, A, B, out_sizes)
         n_tok, n_seg = x.shape[0], info.num_segments
-        if n_tok == 0 or n_seg == 0 or info.max_len == 0:
-            return base_out
         dev, dt = x.device, x.dtype
         seg_of_tok = torch.repeat_interleave(torch.arange(n_seg, device=dev), info.seg_lens, output_size=n_tok)
         pos = torch.arange(n_tok, device=dev) - info.seg_indptr[seg_of_tok]

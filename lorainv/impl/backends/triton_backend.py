@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorainv.impl.backends.base import LoraBackend, check_shapes
+from lorainv.impl.backends.base import LoraBackend
 from lorainv.impl.batch import LoraBatchInfo
 
 BLOCK_M = 16
@@ -168,7 +168,7 @@ class TritonBackend(LoraBackend):
 
     name = "triton"
 
-    def apply(
+    def _apply(
         self,
         x: torch.Tensor,
         base_out: torch.Tensor,
@@ -176,16 +176,15 @@ class TritonBackend(LoraBackend):
         B: torch.Tensor,
         info: LoraBatchInfo,
         out_sizes: tuple[int, ...],
+        n_slices: int,
+        max_rank: int,
     ) -> torch.Tensor:
         """Semantics: ``y[t, off_i:off_i+o_i] = base_out[t, off_i:off_i+o_i]
         + s_p * (x[t] @ A[p, i*R : i*R+r_p].T) @ B[p, off_i:off_i+o_i, :r_p].T`` for token t of a
         segment on slot p, slice i. Shapes: x ``[T, in]``, base_out ``[T, out]``, A ``[P, S*R, in]``,
         B ``[P, out, R]``. Returns ``base_out`` updated in place.
         """
-        n_slices, max_rank = check_shapes(x, base_out, A, B, out_sizes)
         n_tok, n_seg = x.shape[0], info.num_segments
-        if n_tok == 0 or n_seg == 0 or info.max_len == 0:
-            return base_out
         dev = x.device
         acc_torch, acc_tl = _acc_dtype(x.dtype)
         block_r = _pow2_block(max_rank)
