@@ -7,6 +7,7 @@ so a snapshot costs O(pool size) in vectorised copies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -108,5 +109,10 @@ class Snapshot:
     idle: bool
     finished: tuple[str, ...] = field(default=())  # rids that reached a final state (ever)
 
-    def live(self) -> tuple[ReqSnap, ...]:
+    @cached_property
+    def _live(self) -> tuple[ReqSnap, ...]:
         return tuple(r for r in self.requests if r.state in ("waiting", "prefilling", "decoding"))
+
+    def live(self) -> tuple[ReqSnap, ...]:
+        """The requests in a live state (computed once per snapshot)."""
+        return self._live
