@@ -135,8 +135,10 @@ class RuntimeConfig:
             raise ConfigError(f"config: unknown field(s) {unknown}")
         kw = dict(data)
         if "faults" in kw:
-            if not isinstance(kw["faults"], (list, tuple, set, frozenset)):
-                raise ConfigError("config.faults must be a list of fault names")
+            if not isinstance(kw["faults"], (list, tuple, set, frozenset)) or not all(
+                isinstance(f, str) for f in kw["faults"]
+            ):
+                raise ConfigError("config.faults must be a list of fault names (strings)")
             kw["faults"] = frozenset(kw["faults"])
         try:
             return cls(**kw)

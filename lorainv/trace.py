@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class Trace:
         for key in ("format", "config", "ops"):
             if key not in data:
                 raise TraceError(f"trace: missing field {key!r}")
-        if data["format"] != FORMAT:
+        if type(data["format"]) is not int or data["format"] != FORMAT:  # not true, not 1.0
             raise TraceError(f"trace: format {data['format']!r} is not supported (this lorainv reads format {FORMAT})")
         try:
             config = RuntimeConfig.from_dict(data["config"])
@@ -115,19 +116,27 @@ def load(path: str | os.PathLike[str]) -> Trace:
     """Read and validate a trace file; every problem is a `TraceError`."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise TraceError(f"cannot read trace {p}: {e.strerror or e}") from None
-    if size > MAX_TRACE_BYTES:
-        raise TraceError(f"trace {p} is {size} bytes; at most {MAX_TRACE_BYTES}")
+        st = p.stat()
+    except (OSError, ValueError) as e:  # ValueError: an embedded NUL byte in the path
+        raise TraceError(f"cannot read trace {p}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (would block) or a device (/dev/zero never ends)
+        raise TraceError(f"cannot read trace {p}: not a regular file")
+    if st.st_size > MAX_TRACE_BYTES:
+        raise TraceError(f"trace {p} is {st.st_size} bytes; at most {MAX_TRACE_BYTES}")
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_TRACE_BYTES + 1)  # bounded even if the file grew since the stat
+        if len(raw) > MAX_TRACE_BYTES:
+            raise TraceError(f"trace {p} is over {MAX_TRACE_BYTES} bytes")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TraceError(f"cannot read trace {p}: {e}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TraceError(f"trace {p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, RecursionError) as e:  # nested too deeply, or an int with too many digits
+        raise TraceError(f"trace {p} is not valid JSON: {e}") from None
     return Trace.from_dict(data)
 
 

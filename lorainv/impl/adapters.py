@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,13 +235,26 @@ def _assemble(
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
+    """A regular file's bytes. Opened non-blocking and checked with fstat before reading, so a
+    FIFO, a device (``/dev/zero``) or a directory is refused at once instead of hanging."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise AdapterNotFoundError(f"{path}: {what} is missing") from None
     except OSError as e:
         why = "symlink loop" if e.errno == errno.ELOOP else (e.strerror or type(e).__name__)
         raise AdapterFormatError(f"{path}: cannot read {what}: {why}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AdapterFormatError(f"{path}: cannot read {what}: not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read()
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot read {what}: {e.strerror or type(e).__name__}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _load_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -303,13 +317,15 @@ def load_peft_adapter(
         raise AdapterNotFoundError(f"{directory}: adapter directory not found") from None
     except OSError as e:
         raise AdapterFormatError(f"{directory}: cannot open adapter directory: {e.strerror}") from None
+    except ValueError as e:  # an embedded NUL byte or an unencodable character: no such path can exist
+        raise AdapterNotFoundError(f"{str(directory)!r}: not a valid adapter directory path ({e})") from None
     if not directory.is_dir():
         raise AdapterNotFoundError(f"{directory}: not a directory; pass the adapter's directory")
     cfg_path = directory / CONFIG_FILE
     text = _read_bytes(cfg_path, CONFIG_FILE)
     try:
         cfg = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also: too deeply nested, or an int with too many digits
         raise AdapterFormatError(f"{cfg_path}: invalid JSON: {e}") from None
     spec = _parse_config(cfg, dims, max_lora_rank, str(cfg_path))
     raw, fname = _load_tensors(directory)
@@ -393,6 +409,11 @@ def parse_gen_source(source: str) -> tuple[int, int] | None:
     if source != "gen" and not source.startswith("gen:"):
         return None
     parts = source.split(":")
-    if len(parts) != 3 or not all(re.fullmatch(r"\d+", p) for p in parts[1:]) or int(parts[1]) < 1:
-        raise AdapterConfigError(f"adapter source {source!r}: expected 'gen:<rank>:<seed>' with rank >= 1, seed >= 0")
+    # at most 20 digits: a seed must fit torch's 64-bit generator seed (and int() has a digit limit)
+    ok = len(parts) == 3 and all(re.fullmatch(r"\d{1,20}", p) for p in parts[1:])
+    if not ok or int(parts[1]) < 1 or int(parts[2]) >= 1 << 64:
+        shown = source if len(source) <= 80 else source[:77] + "..."
+        raise AdapterConfigError(
+            f"adapter source {shown!r}: expected 'gen:<rank>:<seed>' with rank >= 1, 0 <= seed < 2**64"
+        )
     return int(parts[1]), int(parts[2])

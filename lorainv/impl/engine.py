@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,20 @@ def make_network(model: Any, cfg: RuntimeConfig) -> Any:
     return model
 
 
+def _prompt_ids(prompt_ids: Any, what: str) -> tuple[int, ...]:
+    """``prompt_ids`` as a tuple of ints; anything else is a `RequestError` (nothing mutated)."""
+    if isinstance(prompt_ids, (str, bytes, bytearray, memoryview, Mapping, AbstractSet)):
+        # iterable, but not an ordered sequence of token ids (bytes would silently become ids)
+        raise RequestError(f"{what} must be a list or tuple of ints, got {type(prompt_ids).__name__}")
+    try:
+        ids = tuple(prompt_ids)
+    except TypeError:
+        raise RequestError(f"{what} must be a sequence of ints, got {type(prompt_ids).__name__}") from None
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        raise RequestError(f"{what} must contain only ints")
+    return ids
+
+
 class Engine:
     """A compact multi-LoRA serving engine; see DESIGN §3 for the data flow."""
 
@@ -168,14 +183,7 @@ class Engine:
         """Queue a request; returns its id. Bad input → `RequestError`, state unchanged."""
         if rid is None:
             rid = f"r{self._seq}"
-        if not isinstance(prompt_ids, (list, tuple)):
-            try:
-                prompt_ids = list(prompt_ids)
-            except TypeError:
-                raise RequestError(f"prompt_ids must be a sequence of ints, got {type(prompt_ids).__name__}") from None
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_ids):
-            raise RequestError("prompt_ids must contain only ints")
-        self._do(AddRequest(rid, tuple(prompt_ids), adapter, max_new_tokens, session_id))
+        self._do(AddRequest(rid, _prompt_ids(prompt_ids, "prompt_ids"), adapter, max_new_tokens, session_id))
         return rid
 
     def abort(self, rid: str) -> list[Event]:
@@ -185,6 +193,8 @@ class Engine:
         return self._do(Step())
 
     def load_adapter(self, name: str, path: str | os.PathLike[str], pinned: bool = False) -> list[Event]:
+        if not isinstance(path, (str, os.PathLike)):
+            raise AdapterError(f"adapter path must be a str or os.PathLike (or 'gen:<rank>:<seed>'), got {path!r}")
         return self._do(LoadAdapter(name, os.fspath(path), pinned))
 
     def unload_adapter(self, name: str) -> list[Event]:
@@ -236,20 +246,23 @@ class Engine:
         max_steps: int | None = None,
     ) -> list[list[int]]:
         """Run ``prompts`` (with per-prompt adapters) to completion; returns their outputs."""
+        if not isinstance(prompts, (list, tuple)):
+            raise RequestError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        if adapters is not None and not isinstance(adapters, (list, tuple)):
+            raise RequestError(f"adapters must be a list (one name or None per prompt), got {type(adapters).__name__}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise RequestError(f"max_steps must be None or an int >= 1, got {max_steps!r}")
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters")
         # all-or-nothing: validate every prompt (with the ids it would get) before queueing any
-        for i, (p, a) in enumerate(zip(prompts, adapters)):
-            try:
-                prompt = tuple(p)
-            except TypeError:
-                raise RequestError(f"prompt {i} must be a sequence of ints, got {type(p).__name__}") from None
+        checked = [_prompt_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        for i, (prompt, a) in enumerate(zip(checked, adapters)):
             self._check_add(AddRequest(f"r{self._seq + i}", prompt, a, max_new_tokens))
-        rids = [self.add_request(p, a, max_new_tokens) for p, a in zip(prompts, adapters)]
+        rids = [self.add_request(p, a, max_new_tokens) for p, a in zip(checked, adapters)]
         from lorainv.checkers.liveness import drain_to_idle
 
-        bound = max_steps or 4 * sum(len(p) + max_new_tokens for p in prompts) + 64
+        bound = max_steps or 4 * sum(len(p) + max_new_tokens for p in checked) + 64
         drain_to_idle(self, bound, raise_on_stall=True)
         return [self.output(r) for r in rids]
 
@@ -304,6 +317,8 @@ class Engine:
         if not isinstance(op.rid, str) or not op.rid or op.rid in self.requests:
             raise RequestError(f"request id {op.rid!r} is empty or already used")
         prompt = op.prompt
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(f"prompt must be a list or tuple of token ids, got {type(prompt).__name__}")
         if not prompt:
             raise RequestError("empty prompt: a request needs at least one token")
         vocab = self.network.vocab_size
@@ -313,6 +328,10 @@ class Engine:
         m = op.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise RequestError(f"max_new_tokens must be an int >= 1, got {m!r}")
+        if op.adapter is not None and not isinstance(op.adapter, str):
+            raise RequestError(f"adapter must be None (the base model) or an adapter name, got {op.adapter!r}")
+        if op.session_id is not None and not isinstance(op.session_id, str):
+            raise RequestError(f"session_id must be None or a session id string, got {op.session_id!r}")
         if op.adapter is not None and op.adapter not in self.registry:
             raise RequestError(f"unknown adapter {op.adapter!r}; load it with load_adapter first")
         history: tuple[int, ...] = ()
@@ -455,6 +474,10 @@ class Engine:
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self.registry:
             raise DuplicateAdapterError(f"adapter {name!r} is already loaded; unload it first or pick another name")
+        if not isinstance(op.source, str):
+            raise AdapterError(f"adapter source must be a directory path or 'gen:<rank>:<seed>', got {op.source!r}")
+        if not isinstance(op.pinned, bool):
+            raise AdapterError(f"pinned must be a bool, got {op.pinned!r}")
         gen = parse_gen_source(op.source)
         if gen is not None:
             rank, seed = gen
@@ -548,6 +571,8 @@ class Engine:
         return [SessionOpened(op.session_id)]
 
     def _op_CloseSession(self, op: CloseSession) -> list[Event]:
+        if not isinstance(op.session_id, str):
+            raise RequestError(f"session_id must be a string, got {op.session_id!r}")
         self.sessions.get(op.session_id)
         ev: list[Event] = []
         for r in list(self.requests.values()):

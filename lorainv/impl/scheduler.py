@@ -93,9 +93,11 @@ class Scheduler:
                 self.load_failures[e.adapter] = n
                 if n > self.cfg.max_load_retries:
                     self.load_failures[e.adapter] = 0
+                    why = f"adapter load failed {n} time(s), retries exhausted (max_load_retries="
+                    why += f"{self.cfg.max_load_retries}): {e.detail}"
                     for r in [r for r in self.waiting if r.adapter == e.adapter]:
                         self.waiting.remove(r)
-                        self.finish(r, "abort", f"adapter load failed {n} time(s): {e.detail}", ev)
+                        self.finish(r, "abort", why, ev)
             elif isinstance(e, LoadCompleted):
                 self.load_failures.pop(e.adapter, None)
 
