@@ -16,6 +16,9 @@ LORA_BACKENDS = ("torch_native", "triton")
 DEVICES = ("cpu", "sim", "cuda")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 NETWORKS = ("tiny", "dummy")
+# Upper bounds keep an untrusted config (e.g. from a trace file) from allocating without limit.
+MAX_TOKENS = 1 << 24
+MAX_ROWS = 1 << 16
 
 
 def _int_field(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -69,18 +72,18 @@ class RuntimeConfig:
         _int_field("max_loras_per_batch", self.max_loras_per_batch, 1, 256)
         _int_field("max_lora_rank", self.max_lora_rank, 1, 1024)
         _int_field("page_size", self.page_size, 1, 256)
-        _int_field("max_total_tokens", self.max_total_tokens, 2 * self.page_size)
+        _int_field("max_total_tokens", self.max_total_tokens, 2 * self.page_size, MAX_TOKENS)
         if self.max_total_tokens % self.page_size:
             raise ConfigError(
                 f"max_total_tokens={self.max_total_tokens} must be a multiple of page_size={self.page_size}"
             )
-        _int_field("max_running_requests", self.max_running_requests, 1)
-        _int_field("chunked_prefill_size", self.chunked_prefill_size, 1)
+        _int_field("max_running_requests", self.max_running_requests, 1, MAX_ROWS)
+        _int_field("chunked_prefill_size", self.chunked_prefill_size, 1, MAX_TOKENS)
         _int_field("strict_mem_check", self.strict_mem_check, 0, 2)
         _int_field("seed", self.seed, 0)
         _int_field("tp_size", self.tp_size, 1)
         _int_field("tp_rank", self.tp_rank, 0, self.tp_size - 1)
-        _int_field("max_sessions", self.max_sessions, 0)
+        _int_field("max_sessions", self.max_sessions, 0, MAX_ROWS)
         _int_field("max_load_retries", self.max_load_retries, 0, 100)
         _int_field("history_steps", self.history_steps, 1, 10_000)
         if not isinstance(self.enable_lora_overlap_loading, bool):

@@ -562,6 +562,7 @@ class Engine:
         if dropped:
             ev.append(CacheEvicted(dropped))
         del self.registry[op.name]
+        self.scheduler.load_failures.pop(op.name, None)  # a re-registered adapter starts a fresh retry budget
         ev.append(AdapterUnregistered(op.name))
         return ev
 
