@@ -66,10 +66,6 @@ class AdapterNotResidentError(AdapterError):
     """A batch asked for an adapter that is not resident in the LoRA pool (never falls back to slot 0)."""
 
 
-class AdapterLoadFailedError(AdapterError):
-    """A host-to-device transfer of adapter weights failed."""
-
-
 @dataclass(frozen=True)
 class Violation:
     """One broken invariant.
