@@ -161,9 +161,10 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
             ops = total["ops"] + st.get("ops", 0)
             dt = max(time.monotonic() - t0, 1e-9)
             states = len(total["states"] | st.get("states", set()))
+            trans = len(total["transitions"] | st.get("transitions", set()))
             out.write(
                 f"\r  [{mode:>7}] examples {ex:>6}  ops {ops:>8}  {ops / dt:>7.0f} ops/s  "
-                f"states {states:>5}  violations 0   "
+                f"states {states:>5}  transitions {trans:>5}  violations 0   "
             )
             out.flush()
 
