@@ -1,0 +1,325 @@
+"""What the fairness drainer does to TTFT and end-to-end latency, in simulated time.
+
+Workload (seeded ``numpy.random.Generator``): Poisson arrivals at 4 requests/s over 6
+adapters with Zipf(1) popularity (a0 gets 41 %, a5 7 %), prompts of 16–256 tokens and
+skewed output lengths (log-normal, median 96 tokens, sigma 1, clipped to 2–768). The engine
+runs the dummy network (fake logits, real scheduler and pools) on a `SimClock`; after each
+step the clock advances by the step's modelled cost::
+
+    12 ms + 0.05 ms x prefill tokens + 0.3 ms x decode batch size + 30 ms x adapter loads
+
+Requests enter at the first step boundary after their arrival; TTFT is measured from the
+arrival to the end of the step that produced the first token, E2E to the end of the last.
+The same workload runs with the drainer off and on at several wait thresholds, for
+``max_loras_per_batch`` P = 2, 3, 4. Every run must finish every request with the same
+tokens as the drainer-off run and end with every checker clean (L10 included).
+
+Goal (issue #8): cut P99 TTFT by ~70 % (a field report) while keeping the median TTFT at
+most 2x the no-drainer median. The table says, per P, whether some threshold meets it.
+
+Run ``python -m bench.drainer_ttft [--quick]``; writes ``bench/results/drainer_ttft.json``
+and ``drainer_ttft.png`` (TTFT CDFs).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import common
+from lorainv.config import RuntimeConfig
+from lorainv.events import BatchFormed, Decoded, DrainCleared, DrainMarked, Finished, LoadCompleted, Scheduled
+from lorainv.impl.clock import SimClock
+from lorainv.impl.engine import Engine
+
+NAME = "drainer_ttft"
+N_ADAPTERS = 6
+RATE = 4.0
+COST = {"step_s": 0.012, "prefill_token_s": 0.00005, "decode_req_s": 0.0003, "adapter_load_s": 0.030}
+GOAL_P99_CUT = 0.70
+GOAL_MEDIAN_RATIO = 2.0
+
+Job = tuple[float, str, tuple[int, ...], int]  # arrival, adapter, prompt, max_new_tokens
+
+
+def workload(n: int, seed: int) -> list[Job]:
+    """``n`` requests: Poisson arrivals, Zipf(1) adapters, log-normal output lengths."""
+    g = np.random.default_rng(seed)
+    arrivals = np.cumsum(g.exponential(1.0 / RATE, n))
+    w = 1.0 / np.arange(1, N_ADAPTERS + 1)
+    adapters = g.choice(N_ADAPTERS, n, p=w / w.sum())
+    outs = np.clip(np.round(g.lognormal(np.log(96), 1.0, n)), 2, 768).astype(int)
+    lens = g.integers(16, 257, n)
+    return [
+        (float(arrivals[i]), f"a{adapters[i]}", tuple(int(t) for t in g.integers(1, 256, lens[i])), int(outs[i]))
+        for i in range(n)
+    ]
+
+
+@dataclass
+class Sim:
+    """One simulated run: per-request latencies (seconds) and what the drainer did."""
+
+    ttft: dict[str, float] = field(default_factory=dict)
+    e2e: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    marks: int = 0
+    drain_s: list[float] = field(default_factory=list)
+    steps: int = 0
+    loads: int = 0
+    sim_s: float = 0.0
+
+
+def step_cost(events: Sequence[Any]) -> tuple[float, int]:
+    cost, loads = COST["step_s"], 0
+    for e in events:
+        if isinstance(e, Scheduled):
+            cost += COST["prefill_token_s"] * e.chunk_tokens
+        elif isinstance(e, BatchFormed) and e.mode == "decode":
+            cost += COST["decode_req_s"] * len(e.rids)
+        elif isinstance(e, LoadCompleted):
+            cost += COST["adapter_load_s"]
+            loads += 1
+    return cost, loads
+
+
+def simulate(jobs: Sequence[Job], p: int, threshold: float) -> Sim:
+    clock = SimClock()
+    cfg = RuntimeConfig(
+        network="dummy",
+        max_loras_per_batch=p,
+        max_lora_rank=8,
+        max_total_tokens=1 << 17,
+        max_running_requests=64,
+        chunked_prefill_size=1024,
+        lora_drain_wait_threshold=threshold,
+    )
+    engine = Engine(cfg, clock=clock)
+    for i in range(N_ADAPTERS):
+        engine.load_adapter(f"a{i}", f"gen:8:{i}")
+    sim, arrival, marked = Sim(), {}, {}
+    nxt = 0
+    while len(sim.e2e) < len(jobs):
+        while nxt < len(jobs) and jobs[nxt][0] <= clock.now():
+            t, adapter, prompt, m = jobs[nxt]
+            rid = engine.add_request(prompt, adapter, m, rid=f"q{nxt}")
+            arrival[rid] = t
+            nxt += 1
+        if engine.is_idle():
+            clock.advance(jobs[nxt][0] - clock.now())
+            continue
+        events = engine.step()
+        cost, loads = step_cost(events)
+        clock.advance(cost)
+        now = clock.now()
+        sim.steps, sim.loads = sim.steps + 1, sim.loads + loads
+        for e in events:
+            if isinstance(e, Decoded) and e.rid not in sim.ttft:
+                sim.ttft[e.rid] = now - arrival[e.rid]
+            elif isinstance(e, Finished):
+                if e.reason != "length":
+                    raise RuntimeError(f"P={p} threshold={threshold}: {e.rid} ended with {e.reason}: {e.detail}")
+                sim.e2e[e.rid] = now - arrival[e.rid]
+            elif isinstance(e, DrainMarked):
+                sim.marks += 1
+                marked[e.adapter] = now
+            elif isinstance(e, DrainCleared) and e.adapter in marked:
+                sim.drain_s.append(now - marked.pop(e.adapter))
+    violations = engine.check()
+    if violations:
+        raise RuntimeError(f"P={p} threshold={threshold}: checkers failed: {violations[:3]}")
+    sim.outputs = {rid: engine.output(rid) for rid in arrival}
+    sim.sim_s = clock.now()
+    return sim
+
+
+@dataclass
+class Row:
+    p: int
+    threshold: float  # 0 = drainer off
+    requests: int
+    ttft_p50_s: float
+    ttft_p99_s: float
+    e2e_p50_s: float
+    e2e_p99_s: float
+    marks: int
+    drain_p50_s: float | None
+    drain_p90_s: float | None
+    loads: int
+    steps: int
+    wall_s: float
+    p99_cut: float = 0.0  # 1 - p99 / p99(off)
+    median_ratio: float = 1.0  # p50 / p50(off)
+    meets_goal: bool = False
+    ttft_sorted: list[float] = field(default_factory=list, repr=False)
+
+
+def run_setting(p: int, threshold: float, jobs_by_seed: Sequence[list[Job]], ref: list[Sim] | None) -> list[Sim]:
+    sims = [simulate(jobs, p, threshold) for jobs in jobs_by_seed]
+    if ref is not None:
+        for a, b in zip(sims, ref):
+            if a.outputs != b.outputs:
+                bad = [r for r in a.outputs if a.outputs[r] != b.outputs.get(r)]
+                raise RuntimeError(f"P={p} threshold={threshold}: outputs differ from drainer off for {bad[:5]}")
+    return sims
+
+
+def row(p: int, threshold: float, sims: Sequence[Sim], wall: float) -> Row:
+    """Percentiles over the requests of every seed pooled."""
+    ttft = [x for s in sims for x in s.ttft.values()]
+    e2e = [x for s in sims for x in s.e2e.values()]
+    drains = [x for s in sims for x in s.drain_s]
+    return Row(
+        p,
+        threshold,
+        len(ttft),
+        round(common.percentile(ttft, 50), 4),
+        round(common.percentile(ttft, 99), 3),
+        round(common.percentile(e2e, 50), 3),
+        round(common.percentile(e2e, 99), 3),
+        sum(s.marks for s in sims),
+        round(common.percentile(drains, 50), 3) if drains else None,
+        round(common.percentile(drains, 90), 3) if drains else None,
+        sum(s.loads for s in sims),
+        sum(s.steps for s in sims),
+        round(wall, 1),
+        ttft_sorted=sorted(round(x, 4) for x in ttft),
+    )
+
+
+def judge(rows: list[Row]) -> dict[int, dict[str, Any]]:
+    """Fill in each row's cut and median ratio against drainer off; the per-P verdict."""
+    verdict: dict[int, dict[str, Any]] = {}
+    for p in sorted({r.p for r in rows}):
+        off = next(r for r in rows if r.p == p and r.threshold == 0)
+        ons = [r for r in rows if r.p == p and r.threshold > 0]
+        for r in ons:
+            r.p99_cut = round(1 - r.ttft_p99_s / off.ttft_p99_s, 3)
+            r.median_ratio = round(r.ttft_p50_s / off.ttft_p50_s, 2)
+            r.meets_goal = r.p99_cut >= GOAL_P99_CUT and r.median_ratio <= GOAL_MEDIAN_RATIO
+        ok = [r for r in ons if r.median_ratio <= GOAL_MEDIAN_RATIO]
+        best = max(ok, key=lambda r: r.p99_cut) if ok else None
+        verdict[p] = {
+            "goal_met": any(r.meets_goal for r in ons),
+            "best_threshold_within_2x_median": best.threshold if best else None,
+            "best_p99_cut_within_2x_median": best.p99_cut if best else None,
+            "largest_p99_cut": max((r.p99_cut for r in ons), default=None),
+        }
+    return verdict
+
+
+def render(rows: Sequence[Row], verdict: dict[int, dict[str, Any]]) -> str:
+    head = ["P", "drainer", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "p99 cut", "p50 x", "marks", "drain p50"]
+    head += ["goal"]
+    body = []
+    for r in rows:
+        on = r.threshold > 0
+        body.append(
+            [
+                r.p,
+                f"thr {r.threshold:g} s" if on else "off",
+                f"{r.ttft_p50_s * 1e3:.0f} ms",
+                f"{r.ttft_p99_s:.2f} s",
+                f"{r.e2e_p50_s:.2f} s",
+                f"{r.e2e_p99_s:.2f} s",
+                f"{r.p99_cut:+.0%}" if on else "-",
+                f"{r.median_ratio:.2f}" if on else "-",
+                r.marks,
+                "-" if r.drain_p50_s is None else f"{r.drain_p50_s:.1f} s",
+                ("yes" if r.meets_goal else "no") if on else "",
+            ]
+        )
+    lines = [common.table(head, body), ""]
+    for p, v in verdict.items():
+        best = v["best_threshold_within_2x_median"]
+        cut = v["best_p99_cut_within_2x_median"]
+        detail = (
+            f"best P99 cut with median <= 2x: {cut:+.0%} (thr {best:g} s)"
+            if best
+            else "no threshold keeps median <= 2x"
+        )
+        lines.append(f"P={p}: goal {'MET' if v['goal_met'] else 'NOT met'}; {detail}")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], out_dir: Any, title: str) -> str | None:
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    ps = sorted({r.p for r in rows})
+    fig, axes = plt.subplots(1, len(ps), figsize=(5.2 * len(ps), 4.4), sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], ps):
+        for r in (r for r in rows if r.p == p):
+            xs = np.maximum(np.asarray(r.ttft_sorted), 1e-3)
+            ys = np.arange(1, len(xs) + 1) / len(xs)
+            label = "drainer off" if r.threshold == 0 else f"threshold {r.threshold:g} s"
+            ax.step(xs, ys, where="post", label=label, lw=2.2 if r.threshold == 0 else 1.3)
+        ax.set_xscale("log")
+        ax.set_title(f"max_loras_per_batch = {p}")
+        ax.set_xlabel("TTFT (simulated seconds, log)")
+        ax.axhline(0.99, color="grey", lw=0.6, ls=":")
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of requests")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    return str(common.save_png(fig, out_dir, NAME))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = common.parser(NAME, __doc__)
+    p.add_argument("--requests", type=int, default=None, help="requests per seed (default 400, quick 200)")
+    p.add_argument("--seeds", type=int, default=None, help="workload seeds 0..N-1, pooled (default 3, quick 1)")
+    p.add_argument("--p", default=None, help="max_loras_per_batch values (default 2,3,4; quick 3,4)")
+    p.add_argument("--thresholds", default=None, help="drain wait thresholds in s (default 0.5,1,2,4; quick 1)")
+    args = p.parse_args(argv)
+    n = args.requests or (200 if args.quick else 400)
+    seeds = args.seeds or (1 if args.quick else 3)
+    ps = [int(x) for x in (args.p or ("3,4" if args.quick else "2,3,4")).split(",")]
+    thresholds = [float(x) for x in (args.thresholds or ("1" if args.quick else "0.5,1,2,4")).split(",")]
+    if n < 10 or seeds < 1 or any(x < 1 for x in ps) or any(t <= 0 for t in thresholds):
+        p.error("--requests >= 10, --seeds >= 1, --p >= 1 and thresholds > 0")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    jobs = [workload(n, s) for s in range(seeds)]
+    rows: list[Row] = []
+    for pp in ps:
+        ref = None
+        for thr in [0.0, *thresholds]:
+            w0 = time.perf_counter()
+            sims = run_setting(pp, thr, jobs, ref)
+            ref = ref or sims
+            rows.append(row(pp, thr, sims, time.perf_counter() - w0))
+            print(f"  P={pp} threshold={thr:g}: {rows[-1].wall_s:.1f} s", file=sys.stderr, flush=True)
+    verdict = judge(rows)
+    elapsed = time.perf_counter() - t0
+    print(f"drainer_ttft — simulated time, dummy network ({common.MACHINE_NOTE}; {seeds} seed(s) x {n} requests)\n")
+    print(render(rows, verdict))
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = plot(rows, args.out, f"TTFT CDF, 6 adapters, Poisson 4/s, {seeds} x {n} requests (simulated time)")
+    doc = {
+        "quick": args.quick,
+        "requests_per_seed": n,
+        "seeds": seeds,
+        "rate_per_s": RATE,
+        "adapters": N_ADAPTERS,
+        "cost_model": COST,
+        "goal": {"p99_cut": GOAL_P99_CUT, "max_median_ratio": GOAL_MEDIAN_RATIO},
+        "verdict": {str(k): v for k, v in verdict.items()},
+        "elapsed_s": round(elapsed, 2),
+        "results": [{k: v for k, v in asdict(r).items() if k != "ttft_sorted"} for r in rows],
+        "png": png,
+    }
+    path = common.write_json(args.out, NAME, doc)
+    print(f"\n{len(rows)} runs in {elapsed:.1f} s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmarks (issue #8): each ``main(["--quick", "--out", tmp, ...])`` runs
+with extra-small settings, exits 0, and writes JSON with the expected keys and sane values.
+They prove the benchmarks run and check their own outputs; the numbers themselves are not
+asserted beyond sanity (this is a shared CPU machine)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.slow
+
+
+def run(name: str, tmp_path: Path, *args: str) -> dict[str, Any]:
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    assert module.main(["--quick", "--out", str(tmp_path), *args]) == 0
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    assert doc["benchmark"] == name and doc["quick"] is True
+    assert doc["machine"]["note"] == "CPU, 2 cores, no GPU" and doc["machine"]["cpus"] >= 1
+    return doc
+
+
+def test_detect_finds_every_fault(tmp_path: Path) -> None:
+    from lorainv.impl.faults import FAULTS
+
+    doc = run("detect", tmp_path)
+    summary = {s["fault"]: s for s in doc["summary"]}
+    assert set(summary) == set(FAULTS)
+    for fault, s in summary.items():
+        assert s["detected"] == s["seeds"] == 1, fault
+        assert s["median_detect_s"] > 0 and s["worst_examples"] >= 1, fault
+        if s["shrunk_seeds"]:
+            assert 1 <= s["median_shrunk_len"] <= 12, fault
+    assert sum(1 for s in summary.values() if s["shrunk_seeds"]) == 3
+    assert (tmp_path / "detect.png").stat().st_size > 0
+
+
+def test_fuzz_throughput(tmp_path: Path) -> None:
+    doc = run("fuzz_throughput", tmp_path, "--fast-examples", "15", "--numeric-examples", "3")
+    got = {(r["mode"], r["workers"]): r for r in doc["results"]}
+    assert set(got) == {("fast", 1), ("fast", 2), ("numeric", 1), ("numeric", 2)}
+    for r in got.values():
+        assert r["ops_per_s"] > 0 and r["examples_per_s"] > 0 and r["ops"] > 0
+    for mode in ("fast", "numeric"):  # both worker counts did the very same campaigns
+        assert got[(mode, 1)]["ops"] == got[(mode, 2)]["ops"]
+
+
+def test_serve_vs_peft(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    doc = run("serve_vs_peft", tmp_path, "--tiny", "--requests", "8", "--new-tokens", "4", "--repeats", "1")
+    (r,) = doc["results"]
+    assert r["requests"] == 8 and r["lorainv_tok_s"] > 0 and r["hf_peft_tok_s"] > 0 and r["ratio"] > 0
+    assert r["f64_equal"] is True and 0 <= r["f32_match_rate"] <= 1
+    assert r["adapters_change_outputs"] > 0  # the adapters matter, so equality means something
+
+
+def test_lora_overhead(tmp_path: Path) -> None:
+    doc = run("lora_overhead", tmp_path, "--repeats", "1")
+    rows = doc["results"]
+    assert {r["kind"] for r in rows} == {"decode", "prefill"}
+    for r in rows:
+        assert r["base_ms"] > 0 and r["lora_ms"] > 0 and r["ratio"] > 0
+        assert 1.0 < r["ideal_ratio"] < 2.0
+    triton = [r for r in rows if r["backend"] == "triton"]
+    if triton:
+        assert all("TRITON_INTERPRET=1" in r["note"] and r["max_abs_diff_vs_torch_native"] < 1e-3 for r in triton)
+
+
+def test_drainer_ttft(tmp_path: Path) -> None:
+    doc = run("drainer_ttft", tmp_path, "--requests", "60", "--p", "2", "--thresholds", "1")
+    rows = doc["results"]
+    assert [(r["p"], r["threshold"]) for r in rows] == [(2, 0.0), (2, 1.0)]
+    for r in rows:
+        assert r["requests"] == 60 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and r["e2e_p50_s"] > 0
+    assert rows[0]["marks"] == 0
+    assert set(doc["verdict"]["2"]) >= {"goal_met", "best_threshold_within_2x_median", "largest_p99_cut"}
+    assert (tmp_path / "drainer_ttft.png").stat().st_size > 0
