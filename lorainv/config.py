@@ -12,6 +12,7 @@ from typing import Any
 from lorainv.errors import ConfigError
 
 EVICTION_POLICIES = ("lru", "fifo")
+DRAIN_POLICIES = ("preempt", "admission")
 LORA_BACKENDS = ("torch_native", "triton")
 DEVICES = ("cpu", "sim", "cuda")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -54,6 +55,9 @@ class RuntimeConfig:
     lora_eviction_policy: str = "lru"
     lora_drain_wait_threshold: float = 0.0
     lora_drain_tolerance: float = 1.2
+    lora_drain_policy: str = "preempt"
+    lora_drain_quantum: float = 0.0  # 0: the wait threshold
+    lora_drain_max_preemptions: int = 8
     strict_mem_check: int = 0
     lora_backend: str = "torch_native"
     device: str = "sim"
@@ -95,7 +99,9 @@ class RuntimeConfig:
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("network", self.network, NETWORKS)
-        for name in ("lora_drain_wait_threshold", "lora_drain_tolerance"):
+        _choice("lora_drain_policy", self.lora_drain_policy, DRAIN_POLICIES)
+        _int_field("lora_drain_max_preemptions", self.lora_drain_max_preemptions, 0, 1_000)
+        for name in ("lora_drain_wait_threshold", "lora_drain_tolerance", "lora_drain_quantum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name}={v!r} must be a finite number >= 0")

@@ -74,10 +74,12 @@ class Decoded(Event):
 
 @event
 class Retracted(Event):
-    """A request was preempted under KV pressure; it holds nothing and is back in the queue."""
+    """A request was preempted; it holds nothing and is back in the queue. ``reason``: "kv"
+    (no KV left for the next round) or "drain" (its adapter gives its slot to a starving one)."""
 
     rid: str
     output_len: int
+    reason: str = "kv"
 
 
 @event
@@ -163,7 +165,26 @@ class DrainMarked(Event):
 
 @event
 class DrainCleared(Event):
+    """``adapter`` no longer drains: it stopped running, or its starving adapter stopped starving."""
+
     adapter: str | None
+
+
+@event
+class SlotReserved(Event):
+    """A drain freed a slot for starving ``adapter``; no other adapter may take a new slot
+    while the reservation holds."""
+
+    adapter: str | None
+
+
+@event
+class ReservationEnded(Event):
+    """``adapter``'s reservation ended: "admitted" (its load started or a chunk of it was
+    scheduled) or "gone" (nothing of it waits any more)."""
+
+    adapter: str | None
+    reason: str
 
 
 @event

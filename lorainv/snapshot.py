@@ -80,6 +80,7 @@ class LoraSnap:
 class DrainSnap:
     enabled: bool
     marks: tuple[tuple[Any, Any], ...]  # (draining adapter, starving adapter)
+    reserved: tuple[Any, ...] = ()  # starving adapters a drain freed a slot for
 
 
 EMPTY_NAME = "<EMPTY>"

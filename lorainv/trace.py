@@ -64,8 +64,12 @@ class Trace:
                 raise TraceError(f"trace: missing field {key!r}")
         if type(data["format"]) is not int or data["format"] != FORMAT:  # not true, not 1.0
             raise TraceError(f"trace: format {data['format']!r} is not supported (this lorainv reads format {FORMAT})")
+        cfg = data["config"]
+        if isinstance(cfg, dict) and "lora_drain_policy" not in cfg:
+            # written before the preempt policy existed: replay the drainer those traces ran
+            cfg = {**cfg, "lora_drain_policy": "admission"}
         try:
-            config = RuntimeConfig.from_dict(data["config"])
+            config = RuntimeConfig.from_dict(cfg)
         except ConfigError as e:
             raise TraceError(f"trace.config: {e}") from None
         seed = data.get("seed", 0)

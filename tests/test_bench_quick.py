@@ -80,7 +80,11 @@ def test_lora_overhead(tmp_path: Path) -> None:
 def test_drainer_ttft(tmp_path: Path) -> None:
     doc = run("drainer_ttft", tmp_path, "--requests", "60", "--p", "2", "--thresholds", "1")
     rows = doc["results"]
-    assert [(r["p"], r["threshold"]) for r in rows] == [(2, 0.0), (2, 1.0)]
+    assert [(r["p"], r["threshold"], r["policy"]) for r in rows] == [
+        (2, 0.0, "off"),
+        (2, 1.0, "admission"),
+        (2, 1.0, "preempt"),
+    ]
     for r in rows:
         assert r["requests"] == 60 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and r["e2e_p50_s"] > 0
     assert rows[0]["marks"] == 0

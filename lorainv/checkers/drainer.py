@@ -1,5 +1,10 @@
-"""Drainer marks (L10): only running adapters drain; at most one per starving adapter;
-a mark clears once its adapter has no running requests."""
+"""Drainer marks and reservations (L10, L11).
+
+L10: only running adapters drain, each for a starving adapter (something of it waits and it
+neither runs nor loads); at most one drain per starving adapter; a mark clears once its
+adapter has no running requests. L11: a reserved adapter starves, and the active adapters
+(running or loading) plus the reserved ones never exceed ``max_loras_per_batch``.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +19,41 @@ from lorainv.snapshot import Snapshot
 class DrainerChecker:
     def check(self, snap: Snapshot) -> list[Violation]:
         out: list[Violation] = []
-        marks = dict(snap.drainer.marks)
-        if marks and not snap.drainer.enabled:
+        d = snap.drainer
+        marks = dict(d.marks)
+        if (marks or d.reserved) and not d.enabled:
             out.append(Violation("drainer", "L10", "drain marks while the drainer is off", shown(marks)))
         running = {r.adapter for r in snap.live() if r.state in ("prefilling", "decoding")}
-        for adapter, starving in marks.items():
+        loading = {ld.uid for ld in snap.lora.loads}
+        waiting = {r.adapter for r in snap.live() if r.state == "waiting"}
+        starving = waiting - running - loading
+        for adapter, for_adapter in marks.items():
             if adapter not in running:
                 out.append(
                     Violation(
                         "drainer",
                         "L10",
-                        f"adapter {adapter!r} still drains for {starving!r} with no running requests",
+                        f"adapter {adapter!r} still drains for {for_adapter!r} with no running requests",
                         (adapter,),
                     )
                 )
+            elif for_adapter not in starving:
+                why = f"{adapter!r} drains for {for_adapter!r}, which does not starve"
+                out.append(Violation("drainer", "L10", why, (adapter,)))
         dup = [s for s, c in Counter(marks.values()).items() if c > 1]
         if dup:
             out.append(Violation("drainer", "L10", "several adapters drain for one starving adapter", shown(dup)))
+        for a in d.reserved:
+            if a not in starving:
+                out.append(Violation("drainer", "L11", f"a slot stays reserved for {a!r}, which does not starve", (a,)))
+        need = running | loading | set(d.reserved)
+        if len(need) > snap.max_loras_per_batch:
+            out.append(
+                Violation(
+                    "drainer",
+                    "L11",
+                    f"{len(need)} adapters active or reserved > {snap.max_loras_per_batch} slots",
+                    shown(sorted(need, key=repr)),
+                )
+            )
         return out

@@ -65,4 +65,8 @@ class RefinementChecker:
             out.append(Violation("refinement", "pinned", f"pins {set(snap.lora.pinned)} != model {m.s.pinned}"))
         if dict(snap.drainer.marks) != m.s.marks:
             out.append(Violation("refinement", "drain", f"drain marks {dict(snap.drainer.marks)} != model {m.s.marks}"))
+        if set(snap.drainer.reserved) != m.s.reserved:
+            out.append(
+                Violation("refinement", "drain", f"reserved slots {snap.drainer.reserved} != model {m.s.reserved}")
+            )
         return out

@@ -307,6 +307,7 @@ class Engine:
         m = op.max_new_tokens
         req = Request(op.rid, tuple(op.prompt), op.adapter, m, op.session_id, self.clock.now(), self._seq)
         req.history = history
+        req.queued_at = req.arrival
         self._seq += 1
         self.requests[op.rid] = req
         self.scheduler.waiting.append(req)
@@ -382,12 +383,11 @@ class Engine:
         return ev
 
     def _settle(self, ev: list[Event]) -> None:
-        """After every op: land reaped loads and clear drain marks of adapters that stopped running."""
+        """After every op: land reaped loads; clear drain marks and reservations that are done."""
         if self.loader is not None:
             self.scheduler.reap_loads(ev)
-        if self.drainer.enabled and self.drainer.marks:
-            s = self.scheduler
-            ev.extend(self.drainer.update(s._infos(s.waiting), s._infos(s._running_all()), False))
+        if self.drainer.enabled and (self.drainer.marks or self.drainer.reserved):
+            ev.extend(self.scheduler.drain_update(full=False))
 
     def _end_stall(self, ev: list[Event]) -> None:
         """Nothing can run and nothing is in flight: end the head request rather than stall."""

@@ -50,6 +50,10 @@ class Request:
     session_alloc: int = 0  # how many leading indices are the session's (valid while lent)
     own_row: bool = False  # the row was allocated for this request (not a session's)
     retractions: int = 0
+    drain_retractions: int = 0  # retractions the drainer asked for (bounded per request)
+    queued_at: float = 0.0  # when it last entered the waiting queue (arrival or retraction)
+    admitted_output: int = 0  # len(output) when last admitted; > means it progressed since
+    admitted_at: float = 0.0  # when it was last admitted (the drain quantum counts from here)
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None

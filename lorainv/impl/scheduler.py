@@ -123,7 +123,10 @@ class Scheduler:
             # chunk or the loads in flight
             need = {r.adapter for r in self.running} | {uid}
         else:
-            need = self.active_adapters() | batch_adapters | {uid}
+            need = self.active_adapters() | batch_adapters
+            if uid not in need:  # a new slot: the slots a drain freed for starving adapters are theirs
+                need |= self.drainer.reserved
+            need.add(uid)
         if uid is None and faults.on(self.cfg, "nonresident_falls_back_to_slot0"):
             return True  # the historic base-model path: "no adapter" was assumed to need no slot
         if len(need) > self.cfg.max_loras_per_batch:
@@ -140,6 +143,7 @@ class Scheduler:
                 return False
             self._note_evictions(started, protected)
             ev.extend(started)
+            ev.extend(self.drainer.end_reservation(uid, "admitted"))
             self.round_loads.add(uid)  # no thrashing: nothing loaded this round is evicted this round
             self.reap_loads(ev)
             return self.loader.is_ready(uid)
@@ -278,7 +282,13 @@ class Scheduler:
             if staged.kv_len + chunk < len(staged.fill):
                 return batch
         if self.drainer.enabled:
-            ev.extend(self.drainer.update(self._infos(self.waiting), self._infos(self._running_all()), self._full()))
+            ev.extend(self.drain_update(full=True))
+            due = self.drainer.preempt_due()
+            for adapter in due:
+                for r in [r for r in self.running if r.adapter == adapter and self._drain_preemptible(r)]:
+                    self.retract(r, ev, reason="drain")
+            if due:  # a victim that stopped running has its mark cleared and its slot reserved now
+                ev.extend(self.drain_update(full=True))
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) + len(batch) >= self.cfg.max_running_requests:
                 break
@@ -302,6 +312,8 @@ class Scheduler:
             if self.loader is not None:
                 self.loader.mark_scheduled(req.adapter)
             self.waiting.remove(req)
+            req.admitted_output, req.admitted_at = len(req.output), self.clock.now()
+            ev.extend(self.drainer.end_reservation(req.adapter, "admitted"))
             batch.append((req, chunk))
             adapters.add(req.adapter)
             budget -= chunk
@@ -314,11 +326,35 @@ class Scheduler:
     def _running_all(self) -> list[Request]:
         return self.running + ([self.staged] if self.staged is not None else [])
 
+    def drain_update(self, full: bool) -> list[Event]:
+        """One drainer update from the queues; ``full``: may it mark new drains (slots full)?"""
+        loading = self.loader.in_flight() if self.loader is not None else set()
+        infos = self._infos(self.waiting), self._infos(self._running_all())
+        return self.drainer.update(*infos, full and self._full(), loading)
+
     def _infos(self, reqs: list[Request]) -> list[ReqInfo]:
-        return [ReqInfo(r.rid, r.adapter, r.arrival, r.remaining) for r in reqs]
+        return [
+            ReqInfo(
+                r.rid,
+                r.adapter,
+                r.queued_at if r.state is ReqState.WAITING else r.admitted_at,
+                r.remaining,
+                self._drain_preemptible(r),
+            )
+            for r in reqs
+        ]
+
+    def _drain_preemptible(self, r: Request) -> bool:
+        """A drain may retract ``r``: decoding, a token produced since its last admission (so
+        each preemption is progress), and under the per-request preemption budget."""
+        return (
+            r.state is ReqState.DECODING
+            and len(r.output) > r.admitted_output
+            and r.drain_retractions < self.cfg.lora_drain_max_preemptions
+        )
 
     def _full(self) -> bool:
-        return len(self.active_adapters()) >= self.cfg.max_loras_per_batch
+        return len(self.active_adapters() | self.drainer.reserved) >= self.cfg.max_loras_per_batch
 
     # -- decode -----------------------------------------------------------------------------
     def schedule_decode(self, ev: list[Event]) -> list[Request]:
@@ -351,7 +387,7 @@ class Scheduler:
             self.retract(victim, ev)
         return decoders
 
-    def retract(self, req: Request, ev: list[Event]) -> None:
+    def retract(self, req: Request, ev: list[Event], reason: str = "kv") -> None:
         """Preempt ``req``: free all it holds; it re-queues and recomputes, output kept."""
         if req is self.staged:
             self.staged = None
@@ -360,9 +396,11 @@ class Scheduler:
         self.release(req, "retract", ev)
         req.state = ReqState.WAITING
         req.retractions += 1
+        req.drain_retractions += reason == "drain"
+        req.queued_at = self.clock.now()
         self.waiting.append(req)
         self.waiting.sort(key=lambda r: r.seq)
-        ev.append(Retracted(req.rid, len(req.output)))
+        ev.append(Retracted(req.rid, len(req.output), reason))
 
     def stuck_staged(self, ev: list[Event]) -> bool:
         """Nothing runs and the staged chunk cannot grow: end it rather than stall."""

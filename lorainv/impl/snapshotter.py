@@ -124,7 +124,11 @@ def take_snapshot(engine: Any) -> Snapshot:
         prefix_nodes=nodes,
         sessions=sessions,
         lora=_lora(engine),
-        drainer=DrainSnap(drainer.enabled, tuple(sorted(drainer.marks.items(), key=repr))),
+        drainer=DrainSnap(
+            drainer.enabled,
+            tuple(sorted(drainer.marks.items(), key=repr)),
+            tuple(sorted(drainer.reserved, key=repr)),
+        ),
         max_loras_per_batch=engine.cfg.max_loras_per_batch,
         idle=engine.is_idle(),
         finished=tuple(r.rid for r in engine.requests.values() if not r.state.live),

@@ -31,6 +31,8 @@ class Req:
     kv: int = 0
     cached: int = 0  # tokens borrowed from the prefix cache
     out: int = 0
+    admit_out: int = 0  # outputs when last admitted (a drain may retract only after progress)
+    drain_retracts: int = 0
 
 
 @dataclass
@@ -50,6 +52,7 @@ class ModelState:
     loading: set[Any] = field(default_factory=set)
     sessions: dict[str, Session] = field(default_factory=dict)
     marks: dict[Any, Any] = field(default_factory=dict)
+    reserved: set[Any] = field(default_factory=set)
     cache_tokens: int = 0
 
 
@@ -66,6 +69,7 @@ class ReferenceModel:
         self.s = ModelState()
         self.violations: list[Violation] = []
         self._batch: set[str] = set()
+        self._cleared: dict[Any, Any] = {}  # this op's cleared marks: starving adapter -> victim
 
     # -- predictions --------------------------------------------------------------------------
     def pages(self, tokens: int) -> int:
@@ -92,7 +96,7 @@ class ReferenceModel:
     def observe(self, op: Op, events: list[E.Event]) -> list[Violation]:
         """Validate and apply ``events`` (caused by ``op``); returns the new violations."""
         new: list[Violation] = []
-        self._batch = set()
+        self._batch, self._cleared = set(), {}
         for ev in events:
             try:
                 handler = getattr(self, f"_on_{ev.kind}", None)
@@ -115,6 +119,22 @@ class ReferenceModel:
 
     def _ready(self, uid: Any) -> bool:
         return uid in self.resident() and uid not in self.s.loading
+
+    def _running(self) -> set[Any]:
+        return {r.adapter for r in self.s.reqs.values() if r.state in ("prefilling", "decoding")}
+
+    def _waits(self, uid: Any) -> bool:
+        return any(r.adapter == uid and r.state == "waiting" for r in self.s.reqs.values())
+
+    def _hungry(self, uid: Any) -> bool:
+        """Starving candidate: something of it waits, and it neither runs nor loads."""
+        return self._waits(uid) and uid not in self._running() and uid not in self.s.loading
+
+    def _check_slots(self, adapters: set[Any], what: str) -> None:
+        """Active adapters plus pending reservations never exceed the slots (L11)."""
+        need = adapters | self._running() | self.s.loading | self.s.reserved
+        if len(need) > self.cfg.max_loras_per_batch:
+            raise ModelError(f"{what} needs {len(need)} slots (reserved {sorted(self.s.reserved, key=repr)})")
 
     def _on_Queued(self, ev: E.Queued) -> None:
         if ev.rid in self.s.reqs:
@@ -161,6 +181,7 @@ class ReferenceModel:
                 raise ModelError(f"{rid} ran on {uid!r}, not its adapter {r.adapter!r}")
             if not self._ready(uid):
                 raise ModelError(f"{rid} scheduled on adapter {uid!r} that is not loaded and waited on")
+        self._check_slots(set(ev.adapters), "the batch")
         self._batch = set(ev.rids)
         if ev.mode == "decode":
             for rid in ev.rids:
@@ -170,10 +191,12 @@ class ReferenceModel:
         r = self._req(ev.rid, "waiting", "prefilling")
         if ev.rid not in self._batch or ev.chunk_tokens < 1 or ev.chunk_tokens > self.cfg.chunked_prefill_size:
             raise ModelError(f"chunk of {ev.chunk_tokens} outside a batch or over chunked_prefill_size")
-        if r.state == "waiting" and r.session is not None:
-            if r.session not in self.s.sessions:
-                raise ModelError(f"session {r.session} is not open")
-            self.s.sessions[r.session].active = ev.rid
+        if r.state == "waiting":
+            r.admit_out = r.out
+            if r.session is not None:
+                if r.session not in self.s.sessions:
+                    raise ModelError(f"session {r.session} is not open")
+                self.s.sessions[r.session].active = ev.rid
         r.kv += ev.chunk_tokens
         if r.kv > r.fill or ev.done != (r.kv == r.fill):
             raise ModelError(f"chunk reaches {r.kv} of {r.fill} tokens but done={ev.done}")
@@ -197,6 +220,16 @@ class ReferenceModel:
         r = self._req(ev.rid, "prefilling", "decoding")
         if ev.output_len != r.out:
             raise ModelError(f"retracted with {ev.output_len} outputs, model has {r.out}")
+        if ev.reason == "drain":
+            if self.cfg.lora_drain_policy != "preempt" or r.adapter not in self.s.marks:
+                raise ModelError(f"drain retraction of {ev.rid}: its adapter {r.adapter!r} does not drain")
+            if r.state != "decoding" or r.out <= r.admit_out:
+                raise ModelError(f"drain retraction of {ev.rid} before it produced a token since admission")
+            if r.drain_retracts >= self.cfg.lora_drain_max_preemptions:
+                raise ModelError(f"{ev.rid} drain-retracted more than {self.cfg.lora_drain_max_preemptions} times")
+            r.drain_retracts += 1
+        elif ev.reason != "kv":
+            raise ModelError(f"unknown retraction reason {ev.reason!r}")
         self._end(ev.rid, "waiting")
 
     def _on_Finished(self, ev: E.Finished) -> None:
@@ -285,14 +318,33 @@ class ReferenceModel:
         del self.s.slots[ev.slot]
 
     def _on_DrainMarked(self, ev: E.DrainMarked) -> None:
-        running = {r.adapter for r in self.s.reqs.values() if r.state in ("prefilling", "decoding")}
-        if ev.adapter not in running or ev.adapter in self.s.marks or ev.for_adapter in self.s.marks.values():
+        if ev.adapter not in self._running() or ev.adapter in self.s.marks or ev.for_adapter in self.s.marks.values():
             raise ModelError(f"drain mark on {ev.adapter!r}: not running, or already draining / drained for")
+        if not self._hungry(ev.for_adapter) or ev.for_adapter in self.s.reserved:
+            raise ModelError(f"drain for {ev.for_adapter!r}, which does not starve (or has a slot reserved)")
+        if self.cfg.lora_drain_policy == "preempt" and (self.s.marks or self.s.reserved):
+            raise ModelError("a second drain while one is in progress (preempt policy: one at a time)")
         self.s.marks[ev.adapter] = ev.for_adapter
 
     def _on_DrainCleared(self, ev: E.DrainCleared) -> None:
-        if self.s.marks.pop(ev.adapter, "missing") == "missing":
+        if ev.adapter not in self.s.marks:
             raise ModelError(f"{ev.adapter!r} was not draining")
+        self._cleared[self.s.marks.pop(ev.adapter)] = ev.adapter
+
+    def _on_SlotReserved(self, ev: E.SlotReserved) -> None:
+        victim = self._cleared.get(ev.adapter, "none")
+        if victim == "none" or victim in self._running():
+            raise ModelError(f"slot reserved for {ev.adapter!r} without a drain that freed one")
+        if not self._hungry(ev.adapter) or ev.adapter in self.s.reserved:
+            raise ModelError(f"slot reserved for {ev.adapter!r}, which does not starve or has one")
+        self.s.reserved.add(ev.adapter)
+
+    def _on_ReservationEnded(self, ev: E.ReservationEnded) -> None:
+        if ev.adapter not in self.s.reserved or ev.reason not in ("admitted", "gone"):
+            raise ModelError(f"reservation of {ev.adapter!r} ended ({ev.reason}) but it had none")
+        if ev.reason == "gone" and self._waits(ev.adapter):
+            raise ModelError(f"reservation of {ev.adapter!r} ended as gone while its requests wait")
+        self.s.reserved.discard(ev.adapter)
 
     # -- sessions ---------------------------------------------------------------------------------
     def _on_SessionOpened(self, ev: E.SessionOpened) -> None:

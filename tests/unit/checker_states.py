@@ -164,8 +164,9 @@ def idle(page_size: int = 2) -> Driver:
 
 
 def draining() -> Driver:
-    """P=2 slots held by running ``a`` and ``b``; ``c`` starves, so ``b`` drains for it."""
-    d = Driver(dummy_config(max_loras_per_batch=2, lora_drain_wait_threshold=1.0))
+    """P=2 slots held by running ``a`` and ``b``; ``c`` starves, so ``b`` drains for it
+    (admission policy: the mark holds until ``b`` finishes)."""
+    d = Driver(dummy_config(max_loras_per_batch=2, lora_drain_wait_threshold=1.0, lora_drain_policy="admission"))
     d.run(
         [
             LoadAdapter("a", "gen:4:1"),

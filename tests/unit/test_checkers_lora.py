@@ -339,6 +339,25 @@ def test_l10_drain_marks() -> None:
     # a waiting request does not count as running
     out = DrainerChecker().check(with_req(marks(("b", "c")), "rb", state="waiting"))
     assert brief(out) == [("drainer", "L10", ("b",))]
+    out = DrainerChecker().check(marks(("b", "a")))  # a runs: it does not starve
+    assert brief(out) == [("drainer", "L10", ("b",))]
+    assert out[0].message == "'b' drains for 'a', which does not starve"
+
+
+def test_l11_slot_reservations() -> None:
+    snap = draining().snap()  # P=2: a and b run, c waits
+
+    def reserved(*r: str, marks: tuple[tuple[str, str], ...] = ()) -> Snapshot:
+        return dataclasses.replace(snap, drainer=dataclasses.replace(snap.drainer, marks=marks, reserved=r))
+
+    out = DrainerChecker().check(reserved("c"))  # a, b active + c reserved: 3 > 2 slots
+    assert brief(out) == [("drainer", "L11", ("a", "b", "c"))]
+    assert out[0].message == "3 adapters active or reserved > 2 slots"
+    freed = with_req(reserved("c"), "rb", state="finished")  # b's drain ended: its slot is c's
+    assert DrainerChecker().check(freed) == []
+    out = DrainerChecker().check(with_req(freed, "rc", state="aborted"))
+    assert brief(out) == [("drainer", "L11", ("c",))]
+    assert out[0].message == "a slot stays reserved for 'c', which does not starve"
 
 
 def test_l10_live_stale_drain_mark() -> None:
@@ -355,7 +374,9 @@ def test_l10_live_stale_drain_mark() -> None:
         Step(),
         Step(),  # rb finishes: b has no running request left
     ]
-    d = faulty("drainer_never_clears", ops, max_loras_per_batch=2, lora_drain_wait_threshold=1.0)
+    d = faulty(
+        "drainer_never_clears", ops, max_loras_per_batch=2, lora_drain_wait_threshold=1.0, lora_drain_policy="admission"
+    )
     assert d.engine.status("rb") == "finished"
     out = DrainerChecker().check(d.snap())
     assert brief(out) == [("drainer", "L10", ("b",))]
@@ -388,6 +409,9 @@ def test_refinement_clean_then_each_disagreement(drv: Driver, s: Snapshot) -> No
     assert brief(out) == [("refinement", "pinned", ())]
     out = chk.check(dataclasses.replace(s, drainer=dataclasses.replace(s.drainer, marks=(("a", "c"),))))
     assert brief(out) == [("refinement", "drain", ())]
+    out = chk.check(dataclasses.replace(s, drainer=dataclasses.replace(s.drainer, reserved=("c",))))
+    assert brief(out) == [("refinement", "drain", ())]
+    assert out[0].message == "reserved slots ('c',) != model set()"
 
 
 def test_refinement_when_the_model_disagrees(drv: Driver, s: Snapshot) -> None:

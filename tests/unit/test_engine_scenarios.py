@@ -24,11 +24,13 @@ from lorainv.events import (
     LoadStarted,
     Pinned,
     PrefixHit,
+    ReservationEnded,
     Retracted,
     Scheduled,
     SessionClosed,
     SessionRestored,
     SessionSaved,
+    SlotReserved,
 )
 
 A, B, C = "gen:4:1", "gen:8:2", "gen:4:3"
@@ -130,6 +132,7 @@ def test_pin_never_evicts_the_adapter_of_the_staged_chunk() -> None:
 
 # -- the fairness drainer ----------------------------------------------------------------------
 def _drain_setup(**kw: object) -> Driver:
+    kw.setdefault("lora_drain_policy", "admission")
     d = _loaded(Driver(config(network="dummy", max_loras_per_batch=2, **kw)), "a", "b", "c")
     d.add("ra", [1, 2, 3], "a", 4)
     d.add("rb", [4, 5], "b", 12)
@@ -148,11 +151,20 @@ def test_drainer_marks_then_clears_and_the_starving_adapter_runs() -> None:
     assert of(ev, Scheduled) == []  # ra2 (long, on the draining adapter) is held back
     assert d.engine.snapshot().drainer.marks == (("a", "c"),)
     ev = d.step()
-    assert [e for e in ev if e.kind in ("Finished", "DrainCleared")] == [Finished("ra", "length"), DrainCleared("a")]
-    assert d.engine.snapshot().drainer.marks == ()
+    assert [e for e in ev if e.kind in ("Finished", "DrainCleared", "SlotReserved")] == [
+        Finished("ra", "length"),
+        DrainCleared("a"),
+        SlotReserved("c"),  # a's slot is c's now, whatever else queued before c
+    ]
+    assert d.engine.snapshot().drainer.marks == () and d.engine.snapshot().drainer.reserved == ("c",)
     ev = d.step()
-    assert ev[:3] == [Evicted("a", 0), LoadStarted("c", 0, False), LoadCompleted("c", 0)]
-    assert ev[3] == BatchFormed("prefill", ("rc",), ("c",), 1)
+    assert ev[:4] == [
+        Evicted("a", 0),
+        LoadStarted("c", 0, False),
+        LoadCompleted("c", 0),
+        ReservationEnded("c", "admitted"),
+    ]
+    assert ev[4] == BatchFormed("prefill", ("rc",), ("c",), 1)
     d.finish()
     order = [e.rid for e in d.events if isinstance(e, Scheduled)]
     assert order == ["ra", "rb", "rc", "ra2"]
@@ -173,6 +185,107 @@ def test_a_mark_that_never_clears_is_caught() -> None:
     assert d.step()[0] == DrainMarked("a", "c")
     with pytest.raises(InvariantViolation, match="still drains for 'c' with no running requests"):
         d.engine.step()
+
+
+# -- preemptive drain (the default policy) --------------------------------------------------------
+def _preempt_setup(**kw: object) -> Driver:
+    """a and b run long requests in both slots since t=0; c has waited 1.5 s > threshold 1 s."""
+    kw.setdefault("lora_drain_wait_threshold", 1.0)
+    cfg = config(network="dummy", max_loras_per_batch=2, **kw)
+    d = _loaded(Driver(cfg), "a", "b", "c")
+    d.add("ra", [1, 2, 3], "a", 20)
+    d.add("rb", [4, 5], "b", 30)
+    d.step()  # prefill: one token each
+    d.add("rc", [6, 7], "c", 3)
+    d.step()  # decode: a and b start counting their quantum (1 s, the threshold)
+    d.advance(1.5)
+    return d
+
+
+def test_preempt_retracts_the_victim_and_its_slot_goes_to_the_starving_adapter() -> None:
+    d = _preempt_setup()
+    ev = d.step()
+    # equal demand (one request each): a, with less work left, gives way; ra is retracted with
+    # its 2 outputs, and its older place in the queue does not get a's slot back: c's does
+    assert ev[:9] == [
+        DrainMarked("a", "c"),
+        Retracted("ra", 2, "drain"),
+        DrainCleared("a"),
+        SlotReserved("c"),
+        Evicted("a", 0),
+        LoadStarted("c", 0, False),
+        LoadCompleted("c", 0),
+        ReservationEnded("c", "admitted"),
+        BatchFormed("prefill", ("rc",), ("c",), 1),
+    ]
+    assert d.state("ra") == "waiting" and d.engine.requests["ra"].drain_retractions == 1
+    d.finish()
+    assert all(d.engine.status(r) == "finished" for r in ("ra", "rb", "rc"))
+    off = _preempt_setup(lora_drain_wait_threshold=0.0)
+    off.finish()
+    assert [d.engine.output(r) for r in ("ra", "rb", "rc")] == [off.engine.output(r) for r in ("ra", "rb", "rc")]
+    assert of(off.events, Retracted) == []
+
+
+def test_preempt_spends_each_requests_budget_then_drains_softly() -> None:
+    d = _preempt_setup(lora_drain_max_preemptions=0)
+    ev = d.step()
+    assert ev[0] == DrainMarked("a", "c") and of(ev, Retracted) == []  # ra may not be preempted
+    assert of(ev, Scheduled) == []  # nothing new for a; c waits for a to finish
+    d.finish()
+    assert of(d.events, Retracted) == [] and d.engine.status("rc") == "finished"
+
+
+def test_a_drain_for_an_adapter_that_gave_up_clears_without_a_reservation() -> None:
+    d = _preempt_setup(lora_drain_quantum=5.0)
+    assert d.step()[0] == DrainMarked("a", "c")  # marked, but a's quantum (5 s) is not over
+    assert d.abort("rc") == [Aborted("rc", "waiting"), DrainCleared("a")]
+    snap = d.engine.snapshot().drainer
+    assert (snap.marks, snap.reserved) == ((), ())
+    d.finish()
+    assert of(d.events, Retracted) == []
+
+
+def test_aborting_every_request_of_a_reserved_adapter_ends_the_reservation() -> None:
+    d = _drain_setup(lora_drain_wait_threshold=1.0)  # admission policy: the slot frees when ra ends
+    d.step()
+    assert SlotReserved("c") in d.step()
+    assert d.abort("rc") == [Aborted("rc", "waiting"), ReservationEnded("c", "gone")]  # no slot leaks to c
+    assert d.engine.snapshot().drainer.reserved == ()
+    ev = d.step()
+    assert [e.rid for e in of(ev, Scheduled)] == ["ra2"]  # a's slot is free for anyone again
+    d.finish()
+
+
+def test_overlap_load_of_the_reserved_adapter_ends_its_reservation() -> None:
+    cfg = config(
+        network="dummy",
+        max_loras_per_batch=2,
+        lora_drain_wait_threshold=1.0,
+        enable_lora_overlap_loading=True,
+        device="sim",
+    )
+    d = _loaded(Driver(cfg), "a", "b", "c")
+    d.add("ra", [1, 2, 3], "a", 20)
+    d.add("rb", [4, 5], "b", 30)
+    for _ in range(3):  # start both loads, land them, prefill
+        d.complete()
+        d.step()
+    assert d.state("ra") == d.state("rb") == "decoding"
+    d.add("rc", [6, 7], "c", 3)
+    d.advance(1.5)
+    ev = d.step()
+    assert ev[:7] == [
+        DrainMarked("a", "c"),
+        Retracted("ra", 2, "drain"),
+        DrainCleared("a"),
+        SlotReserved("c"),
+        Evicted("a", 0),
+        LoadStarted("c", 0, True),
+        ReservationEnded("c", "admitted"),  # c is active once its load is in flight
+    ]
+    d.finish()
+    assert d.engine.status("rc") == "finished"
 
 
 # -- sessions ------------------------------------------------------------------------------------

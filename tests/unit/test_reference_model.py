@@ -93,6 +93,15 @@ DRAINING = [
     E.Decoded("rb", 7),
 ]
 
+# ra (adapter a) stopped running with a marked for c: the drain freed a slot, reserved for c
+RESERVED = [
+    *DRAINING,
+    E.DrainMarked("a", "c"),
+    E.Finished("ra", "abort"),
+    E.DrainCleared("a"),
+    E.SlotReserved("c"),
+]
+
 Case = tuple[list[E.Event], list[E.Event], str]
 
 # (setup, tail, why): the setup and every event of the tail but the last are allowed; the
@@ -287,6 +296,35 @@ REFUSED: dict[str, Case] = {
         "already draining",
     ),
     "drain cleared that was never marked": (DRAINING, [E.DrainCleared("a")], "'a' was not draining"),
+    "drain for an adapter that runs": (DRAINING, [E.DrainMarked("a", "b")], "does not starve"),
+    "second drain at once (preempt policy)": (
+        [*DRAINING, E.Queued("rn", None, 2, 4), E.DrainMarked("a", "c")],
+        [E.DrainMarked("b", None)],
+        "one at a time",
+    ),
+    "drain retraction of an adapter that does not drain": (
+        DRAINING,
+        [E.Retracted("ra", 1, "drain")],
+        "its adapter 'a' does not drain",
+    ),
+    "drain retraction before progress since admission": (
+        [*DRAINING, E.DrainMarked("a", "c"), E.Retracted("ra", 1, "drain"), *prefill("ra", "a", 3, token=False)],
+        [E.Retracted("ra", 1, "drain")],
+        "before it produced a token since admission",
+    ),
+    "retraction for an unknown reason": (DRAINING, [E.Retracted("ra", 1, "whim")], "unknown retraction reason"),
+    "slot reserved without a drain": (DRAINING, [E.SlotReserved("c")], "without a drain that freed one"),
+    "reservation that never was ends": (DRAINING, [E.ReservationEnded("c", "gone")], "had none"),
+    "reservation gone while its requests wait": (
+        RESERVED,
+        [E.ReservationEnded("c", "gone")],
+        "while its requests wait",
+    ),
+    "a batch takes the reserved slot": (
+        RESERVED,
+        [E.Queued("rx", "a", 2, 4), E.BatchFormed("prefill", ("rx",), ("a",), 1)],
+        "needs 3 slots",
+    ),
 }
 
 
@@ -368,9 +406,9 @@ def test_model_accepts_retraction_of_a_session_turn() -> None:
     assert got == [
         "SessionSaved(session_id=s, rid=t1, tokens=5)",
         "SessionRestored(session_id=s, rid=t2, tokens=5)",
-        "Retracted(rid=t2, output_len=3)",
+        "Retracted(rid=t2, output_len=3, reason=kv)",
         "SessionRestored(session_id=s, rid=t2, tokens=5)",
-        "Retracted(rid=t2, output_len=3)",
+        "Retracted(rid=t2, output_len=3, reason=kv)",
         "SessionRestored(session_id=s, rid=t2, tokens=5)",
         "SessionSaved(session_id=s, rid=t2, tokens=19)",
     ]

@@ -151,7 +151,7 @@ def test_level_2_raises_at_the_first_bad_step_with_recent_events() -> None:
     # the ring buffer holds the last 3 steps (steps 3, 4 and 5), the failing one last
     assert len(exc.recent_events) == 3
     assert [r.split(":")[0] for r in exc.recent_events] == ["step 3", "step 4", "step 5"]
-    assert "Retracted(rid=r1, output_len=4)" in exc.recent_events[-1]
+    assert "Retracted(rid=r1, output_len=4, reason=kv)" in exc.recent_events[-1]
     assert "last 3 step(s) of events:" in str(exc)
 
 
