@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ps = [int(x) for x in (args.p or ("3,4" if args.quick else "2,3,4")).split(",")]
     thresholds = [float(x) for x in (args.thresholds or ("1" if args.quick else "0.5,1,2,4")).split(",")]
     adm = "1" if args.admission_thresholds is None else args.admission_thresholds
-    settings = [(0.0, "off")] + [(float(x), "admission") for x in adm.split(",") if x]
+    settings = [(0.0, "preempt")] + [(float(x), "admission") for x in adm.split(",") if x]  # 0: off
     settings += [(t, "preempt") for t in thresholds]
     if n < 10 or seeds < 1 or any(x < 1 for x in ps) or any(t <= 0 for t, _ in settings[1:]):
         p.error("--requests >= 10, --seeds >= 1, --p >= 1 and thresholds > 0")

@@ -50,9 +50,8 @@ def config_strategy(network: str = "dummy", **fixed: Any) -> st.SearchStrategy[R
         "max_loras_per_batch": st.integers(1, 3),
         "max_running_requests": st.integers(2, 5),
         "enable_lora_overlap_loading": st.booleans(),
-        "lora_drain_wait_threshold": st.sampled_from([0.0, 0.5, 0.1]),
+        "lora_drain_wait_threshold": st.sampled_from([0.0, 0.5]),
         "lora_drain_policy": st.sampled_from(["preempt", "admission"]),
-        "lora_drain_quantum": st.sampled_from([0.0, 0.01]),  # 0: the threshold; 0.01: preempt at once
         "enable_prefix_cache": st.booleans(),
         "lora_eviction_policy": st.sampled_from(["lru", "fifo"]),
     }
