@@ -15,29 +15,24 @@ Run ``python -m bench.check_overhead [--quick]``; writes ``bench/results/check_o
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorainv import __version__
+from bench import common
 from lorainv.config import RuntimeConfig
 from lorainv.impl.engine import Engine
 from lorainv.ops import AddRequest, LoadAdapter, Op, Step
 
 ADAPTERS = (None, "a", "b", "c")
 PROMPT_LEN = 8
-RESULTS = Path(__file__).resolve().parent / "results" / "check_overhead.json"
+NAME = "check_overhead"
 
 
 @dataclass(frozen=True)
@@ -158,33 +153,10 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join(rows)
 
 
-def write_json(path: Path, results: Sequence[Result], args: argparse.Namespace, elapsed: float) -> None:
-    doc = {
-        "benchmark": "check_overhead",
-        "lorainv": __version__,
-        "quick": args.quick,
-        "repeats": args.repeats,
-        "steps_per_repeat": args.steps,
-        "torch_threads": args.threads,
-        "elapsed_s": round(elapsed, 2),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "results": [asdict(r) for r in results],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.check_overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats and steps (finishes in under 30 s)")
+    p = common.parser(NAME, __doc__)
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per level (default 7, quick 3)")
     p.add_argument("--steps", type=int, default=None, help="decode steps per block (default 10, quick 4)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on shared CPUs)")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.steps = args.steps or (4 if args.quick else 10)
@@ -197,9 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(measure(case, args.repeats, args.steps))
         print(f"  {case.mode}/{case.network} live={case.live}: done", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t0
+    print(f"check_overhead — strict level 2 vs level 0 ({common.MACHINE_NOTE})\n")
     print(table(results))
-    write_json(args.out, results, args, elapsed)
-    print(f"\n{len(results)} cases in {elapsed:.1f} s; wrote {args.out}")
+    doc = {
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps,
+        "torch_threads": args.threads,
+        "elapsed_s": round(elapsed, 2),
+        "results": [asdict(r) for r in results],
+    }
+    path = common.write_json(args.out, NAME, doc)
+    print(f"\n{len(results)} cases in {elapsed:.1f} s; wrote {path}")
     return 0
 
 

@@ -90,3 +90,18 @@ def test_drainer_ttft(tmp_path: Path) -> None:
     assert rows[0]["marks"] == 0
     assert set(doc["verdict"]["2"]) >= {"goal_met", "best_threshold_within_2x_median", "largest_p99_cut"}
     assert (tmp_path / "drainer_ttft.png").stat().st_size > 0
+
+
+def test_check_overhead(tmp_path: Path) -> None:
+    doc = run("check_overhead", tmp_path, "--repeats", "1", "--steps", "2")
+    rows = doc["results"]
+    assert [(r["mode"], r["live"]) for r in rows] == [
+        ("fast", 10),
+        ("fast", 100),
+        ("fast", 1000),
+        ("numeric", 10),
+        ("numeric", 100),
+    ]
+    for r in rows:
+        assert r["level0_ms"] > 0 and r["level2_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["level2_ms"] / r["level0_ms"], rel=0.01)
