@@ -25,3 +25,25 @@ def test_regression_trace(path: Path) -> None:
         assert res.ok, [str(v) for v in res.violations]
     else:
         assert res.matches(trace.expect), f"expected {trace.expect}, got {[str(v) for v in res.violations]}"
+
+
+def test_a_stolen_reserved_slot_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drain trace has teeth: a scheduler that ignores the reservation (the victim's own
+    retracted request, queued first, takes the freed slot back) is refused by the model."""
+    from lorainv.impl.scheduler import Scheduler
+
+    admit = Scheduler._admit_adapter
+
+    def ignoring_reservations(self: Scheduler, uid: object, batch: set[object], ev: list[object]) -> bool:
+        saved, self.drainer.reserved = self.drainer.reserved, set()
+        try:
+            return admit(self, uid, batch, ev)
+        finally:
+            self.drainer.reserved = saved | self.drainer.reserved
+
+    trace = load(Path(__file__).parent / "regressions" / "drain-preempt-keeps-reserved-slot.json")
+    assert replay(trace).ok
+    monkeypatch.setattr(Scheduler, "_admit_adapter", ignoring_reservations)
+    res = replay(trace)
+    assert not res.ok
+    assert any("needs 3 slots" in v.message for v in res.violations), [str(v) for v in res.violations]
