@@ -97,15 +97,63 @@ def _model_module_names(dims: ModelDims) -> dict[str, Key | None]:
     return names
 
 
+MAX_REGEX_LEN = 1000
+
+
+def _compile_safe(pattern: str, where: str) -> re.Pattern[str]:
+    """Compile a regex from an adapter config, refusing the shapes that backtrack exponentially.
+
+    Python's ``re`` has no timeout, so a hostile ``target_modules`` such as ``(a+)+$`` would
+    hang the loader. Refused: patterns over `MAX_REGEX_LEN` characters, and an unbounded
+    repeat (``*``, ``+``, ``{n,}``) around another unbounded repeat or an alternation.
+    PEFT's usual patterns (``.*\\.(q_proj|v_proj)``, ``model\\.layers\\.\\d+\\..*``) pass.
+    """
+    if len(pattern) > MAX_REGEX_LEN:
+        raise AdapterConfigError(f"{where}: regex of {len(pattern)} characters (at most {MAX_REGEX_LEN})")
+    try:
+        rx = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise AdapterConfigError(f"{where}: invalid regex {pattern!r}: {e}") from None
+    if _nested_repeat(pattern):
+        raise AdapterConfigError(
+            f"{where}: regex {pattern!r} repeats a repeat or an alternation (like (a+)+ or (a|b)*), "
+            "which can backtrack exponentially; write it without the nesting"
+        )
+    return rx
+
+
+def _nested_repeat(pattern: str) -> bool:
+    try:
+        from re import _parser as sre  # type: ignore[attr-defined]  # CPython >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as sre  # type: ignore[no-redef]
+    repeats = {sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", sre.MAX_REPEAT)}
+
+    def walk(items: Any, under_star: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                star = av[1] == sre.MAXREPEAT
+                if (star and under_star) or walk(av[2], under_star or star):
+                    return True
+            elif op == sre.BRANCH:
+                if under_star or any(walk(b, under_star) for b in av[1]):
+                    return True
+            elif op == sre.SUBPATTERN:
+                if walk(av[-1], under_star):
+                    return True
+            elif op in (sre.ASSERT, sre.ASSERT_NOT) and walk(av[1], under_star):
+                return True
+        return False
+
+    return walk(sre.parse(pattern), False)
+
+
 def match_targets(target_modules: Any, dims: ModelDims, where: str = "target_modules") -> set[Key]:
     """(layer, module) pairs PEFT would wrap: a list matches a name or a ``.``-suffix, a str is a full-match regex."""
     names = _model_module_names(dims)
     supported = f"supported: {list(TARGET_MODULES)}"
     if isinstance(target_modules, str):
-        try:
-            rx = re.compile(target_modules)
-        except re.error as e:
-            raise AdapterConfigError(f"{where}: invalid regex {target_modules!r}: {e}") from None
+        rx = _compile_safe(target_modules, where)
         hits = [n for n in names if rx.fullmatch(n)]
         if not hits:
             raise AdapterConfigError(f"{where}: regex {target_modules!r} matches no module of the base model")
@@ -133,11 +181,9 @@ def match_targets(target_modules: Any, dims: ModelDims, where: str = "target_mod
 def _pattern_value(pattern: Mapping[str, Any], name: str, field: str) -> tuple[str, Any] | None:
     """First key of ``pattern`` matching ``name`` like PEFT's ``(.*\\.)?(key)$``, with its value."""
     for k, v in pattern.items():
-        try:
-            if re.match(rf"(.*\.)?({k})$", name):
-                return k, v
-        except re.error as e:
-            raise AdapterConfigError(f"{field}: invalid key {k!r}: {e}") from None
+        _compile_safe(k, f"{field} key")
+        if re.match(rf"(.*\.)?({k})$", name):
+            return k, v
     return None
 
 

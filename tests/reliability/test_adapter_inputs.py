@@ -285,6 +285,11 @@ CASES = [
     Case(
         "regex-invalid", _config_edit(["target_modules", "invalid regex"], target_modules="(q_proj"), AdapterConfigError
     ),
+    Case(
+        "regex-backtracks",
+        _config_edit(["target_modules", "backtrack exponentially"], target_modules=r"(\w+)+\.q_proj"),
+        AdapterConfigError,
+    ),
     Case("target-lm-head", _config_edit(["'lm_head'"], target_modules=["q_proj", "lm_head"]), UnsupportedAdapterError),
     Case("peft-type", _config_edit(["peft_type='PREFIX_TUNING'"], peft_type="PREFIX_TUNING"), UnsupportedAdapterError),
     Case("alpha-string", _config_edit(["lora_alpha"], lora_alpha="8"), AdapterConfigError),

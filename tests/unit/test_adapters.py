@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from lorainv.impl.adapters import (
     SAFETENSORS_FILE,
     generate_adapter,
     load_peft_adapter,
+    match_targets,
     parse_gen_source,
     tensor_name,
     write_peft_adapter,
@@ -259,6 +261,31 @@ def test_refuse_unknown_target(adir):
 def test_refuse_regex_matching_nothing(adir):
     edit_config(adir, target_modules=r".*\.attention\.wq")
     refused(adir, AdapterConfigError, "target_modules", "matches no module")
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(.*)*q_proj", r"(q|q)*_proj", r"(?:\w*)+\.q_proj"])
+def test_refuse_regex_that_can_backtrack_exponentially(adir, pattern):
+    """``re`` has no timeout: a nested unbounded repeat is refused before any match runs."""
+    edit_config(adir, target_modules=pattern)
+    t0 = time.perf_counter()
+    refused(adir, AdapterConfigError, "target_modules", "backtrack exponentially")
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_refuse_hostile_rank_pattern_key_and_overlong_regex(adir):
+    edit_config(adir, rank_pattern={"(x+)+y": 4})
+    refused(adir, AdapterConfigError, "rank_pattern key", "backtrack exponentially")
+    edit_config(adir, rank_pattern={}, target_modules="q_proj|" * 200 + "v_proj")
+    refused(adir, AdapterConfigError, "target_modules", "regex of 1406 characters (at most 1000)")
+
+
+@pytest.mark.parametrize(
+    "pattern", [r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|v)_proj", r".*(q|v)_proj"]
+)
+def test_peft_style_regexes_still_load(adir, pattern):
+    edit_config(adir, target_modules=pattern)
+    assert {m for _, m in match_targets(pattern, DIMS)} == {"q_proj", "v_proj"}
+    assert load(adir).target_modules == frozenset({"q_proj", "v_proj"})
 
 
 def test_refuse_regex_reaching_lm_head(adir):
