@@ -1,4 +1,4 @@
-"""Reference-quality LoRA backend in plain torch: gather each segment's slot, pad, and bmm."""
+"""Reference-quality LoRA backend in plain torch: per slot, gather its tokens and run two matmuls."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from lorainv.impl.batch import LoraBatchInfo
 
 
 class TorchNativeBackend(LoraBackend):
-    """Segments are padded to ``[num_segments, max_len, in]`` and multiplied by their slot's
-    weights with ``bmm``. Columns of the rank dimension at or past ``ranks[slot]`` are masked out
-    (``torch.where``, so even a non-finite stale tail cannot leak in); rank-0 slots add exact zeros.
+    """Groups the batch's tokens by LoRA slot (not by segment: a mixed batch has many short
+    segments but at most P distinct slots) and runs each slot's two matmuls on its tokens.
+    A slot's weights are read only up to its rank, so even a non-finite stale tail past the
+    rank cannot leak in; rank-0 slots are skipped (they add exactly nothing).
     """
 
     name = "torch_native"
@@ -35,23 +36,21 @@ class TorchNativeBackend(LoraBackend):
         n_tok, n_seg = x.shape[0], info.num_segments
         dev, dt = x.device, x.dtype
         seg_of_tok = torch.repeat_interleave(torch.arange(n_seg, device=dev), info.seg_lens, output_size=n_tok)
-        pos = torch.arange(n_tok, device=dev) - info.seg_indptr[seg_of_tok]
-        xp = x.new_zeros(n_seg, info.max_len, x.shape[1])
-        xp[seg_of_tok, pos] = x
-
-        slots = info.weight_indices
-        rank_of_seg = info.ranks[slots]
-        live = torch.arange(max_rank, device=dev)[None, :] < rank_of_seg[:, None]  # [n_seg, R]
-        a = A[slots].view(n_seg, n_slices, max_rank, -1)
-        a = torch.where(live[:, None, :, None], a, torch.zeros((), dtype=A.dtype, device=dev)).to(dt)
-        b = torch.where(live[:, None, :], B[slots], torch.zeros((), dtype=B.dtype, device=dev)).to(dt)
-        scale = info.scalings[slots].to(dt)[:, None, None]  # [n_seg, 1, 1]
-
-        delta = x.new_empty(n_seg, info.max_len, base_out.shape[1])
-        off = 0
-        for i, width in enumerate(out_sizes):
-            h = torch.bmm(xp, a[:, i].transpose(1, 2))  # [n_seg, L, R]
-            delta[:, :, off : off + width] = torch.bmm(h, b[:, off : off + width].transpose(1, 2)) * scale
-            off += width
-        base_out += delta[seg_of_tok, pos].to(base_out.dtype)
+        slot_of_tok = info.weight_indices[seg_of_tok]
+        order = torch.argsort(slot_of_tok, stable=True)  # the tokens of each slot, contiguous
+        counts = torch.bincount(slot_of_tok, minlength=len(info.ranks)).tolist()
+        ranks, scalings = info.ranks.tolist(), info.scalings.tolist()
+        offsets = [sum(out_sizes[:i]) for i in range(n_slices)]
+        start = 0
+        for p, n in enumerate(counts):
+            idx, start, r = order[start : start + n], start + n, ranks[p]
+            if n == 0 or r == 0:
+                continue
+            xs = x.index_select(0, idx)
+            a = A[p].view(n_slices, max_rank, -1)[:, :r].to(dt)  # [S, r, in]
+            b = B[p, :, :r].to(dt)  # [out, r]
+            h = torch.matmul(xs, a.transpose(1, 2))  # [S, n, r]
+            parts = [h[i] @ b[off : off + w].T for i, (off, w) in enumerate(zip(offsets, out_sizes))]
+            delta = parts[0] if n_slices == 1 else torch.cat(parts, dim=1)
+            base_out.index_add_(0, idx, (delta * scalings[p]).to(base_out.dtype))
         return base_out
