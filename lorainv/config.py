@@ -71,6 +71,7 @@ class RuntimeConfig:
     max_load_retries: int = 1
     network: str = "tiny"
     history_steps: int = 8
+    max_finished_requests: int = 0  # 0 keeps every ended request; N keeps the N most recent
 
     def __post_init__(self) -> None:
         _int_field("max_loras_per_batch", self.max_loras_per_batch, 1, 256)
@@ -90,6 +91,7 @@ class RuntimeConfig:
         _int_field("max_sessions", self.max_sessions, 0, MAX_ROWS)
         _int_field("max_load_retries", self.max_load_retries, 0, 100)
         _int_field("history_steps", self.history_steps, 1, 10_000)
+        _int_field("max_finished_requests", self.max_finished_requests, 0, MAX_ROWS)
         if not isinstance(self.enable_lora_overlap_loading, bool):
             raise ConfigError("enable_lora_overlap_loading must be a bool")
         if not isinstance(self.enable_prefix_cache, bool):

@@ -27,6 +27,7 @@ from lorainv.errors import (
     Violation,
 )
 from lorainv.events import (
+    Aborted,
     AdapterRegistered,
     AdapterUnregistered,
     BatchFormed,
@@ -150,7 +151,9 @@ class Engine:
             self.device,
             self.clock,
         )
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # live ones and the retained ended ones
+        self._used_rids: set[str] = set()  # every id ever queued (ids are never reused)
+        self._ended: deque[str] = deque()  # retained ended requests, oldest first
         self.last_batch: tuple[Any, ...] = ()
         self.last_batch_slots: tuple[int, ...] = ()
         self.steps = 0
@@ -255,6 +258,11 @@ class Engine:
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        limit = self.cfg.max_finished_requests
+        if 0 < limit < len(prompts):
+            raise RequestError(
+                f"{len(prompts)} prompts but max_finished_requests={limit}: outputs would be retired unread"
+            )
         # all-or-nothing: validate every prompt (with the ids it would get) before queueing any
         checked = [_prompt_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         for i, (prompt, a) in enumerate(zip(checked, adapters)):
@@ -269,6 +277,9 @@ class Engine:
     def _req(self, rid: str) -> Request:
         r = self.requests.get(rid) if isinstance(rid, str) else None
         if r is None:
+            if isinstance(rid, str) and rid in self._used_rids:
+                limit = self.cfg.max_finished_requests
+                raise RequestError(f"request {rid!r} ended and was retired (max_finished_requests={limit})")
             raise RequestError(f"unknown request id {rid!r}")
         return r
 
@@ -295,6 +306,7 @@ class Engine:
         self.scheduler.evictions.clear()
         events: list[Event] = handler(op)
         self._settle(events)
+        self._retire(events)
         if isinstance(op, Step):
             self.history.append((self.steps, events))
         level = self.cfg.strict_mem_check
@@ -310,12 +322,13 @@ class Engine:
         req.queued_at = req.arrival
         self._seq += 1
         self.requests[op.rid] = req
+        self._used_rids.add(op.rid)
         self.scheduler.waiting.append(req)
         return [Queued(op.rid, op.adapter, len(op.prompt), m, op.session_id)]
 
     def _check_add(self, op: AddRequest) -> tuple[int, ...]:
         """Validate ``op`` without mutating anything; returns the session history it extends."""
-        if not isinstance(op.rid, str) or not op.rid or op.rid in self.requests:
+        if not isinstance(op.rid, str) or not op.rid or op.rid in self._used_rids:
             raise RequestError(f"request id {op.rid!r} is empty or already used")
         prompt = op.prompt
         if not isinstance(prompt, (list, tuple)):
@@ -388,6 +401,16 @@ class Engine:
             self.scheduler.reap_loads(ev)
         if self.drainer.enabled and (self.drainer.marks or self.drainer.reserved):
             ev.extend(self.scheduler.drain_update(full=False))
+
+    def _retire(self, ev: list[Event]) -> None:
+        """Forget the oldest ended requests beyond ``max_finished_requests`` (0: keep all), in
+        the order their `Finished`/`Aborted` events came; the reference model does the same."""
+        limit = self.cfg.max_finished_requests
+        if limit <= 0:
+            return
+        self._ended.extend(e.rid for e in ev if isinstance(e, (Finished, Aborted)))
+        while len(self._ended) > limit:
+            del self.requests[self._ended.popleft()]
 
     def _end_stall(self, ev: list[Event]) -> None:
         """Nothing can run and nothing is in flight: end the head request rather than stall."""

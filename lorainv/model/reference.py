@@ -10,6 +10,7 @@ of its last turn; a retracted, finished or aborted request holds nothing.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,9 @@ class Session:
 
 @dataclass
 class ModelState:
-    reqs: dict[str, Req] = field(default_factory=dict)
+    reqs: dict[str, Req] = field(default_factory=dict)  # live and retained ended requests
+    used: set[str] = field(default_factory=set)  # every request id ever queued
+    ended: deque[str] = field(default_factory=deque)  # retained ended requests, oldest first
     registered: dict[str, int] = field(default_factory=dict)
     pinned: set[str] = field(default_factory=set)
     slots: dict[int, Any] = field(default_factory=dict)  # slot -> uid (occupied slots)
@@ -106,8 +109,18 @@ class ReferenceModel:
                 # later events of this op are consequences of the refused one: report the first
                 new.append(Violation("model", "refinement", f"{op.kind}: {ev} not allowed: {e}", _ids(ev)))
                 break
+        self._retire(events)
         self.violations.extend(new)
         return new
+
+    def _retire(self, events: list[E.Event]) -> None:
+        """Forget ended requests beyond ``max_finished_requests``, oldest first, as the engine does."""
+        limit = self.cfg.max_finished_requests
+        if limit <= 0:
+            return
+        self.s.ended.extend(e.rid for e in events if isinstance(e, (E.Finished, E.Aborted)))
+        while len(self.s.ended) > limit:
+            self.s.reqs.pop(self.s.ended.popleft(), None)
 
     def _req(self, rid: str, *states: str) -> Req:
         r = self.s.reqs.get(rid)
@@ -137,7 +150,7 @@ class ReferenceModel:
             raise ModelError(f"{what} needs {len(need)} slots (reserved {sorted(self.s.reserved, key=repr)})")
 
     def _on_Queued(self, ev: E.Queued) -> None:
-        if ev.rid in self.s.reqs:
+        if ev.rid in self.s.used:
             raise ModelError("request id reused")
         hist = 0
         if ev.session_id is not None:
@@ -151,6 +164,7 @@ class ReferenceModel:
         if ev.adapter is not None and ev.adapter not in self.s.registered:
             raise ModelError(f"adapter {ev.adapter} is not registered")
         self.s.reqs[ev.rid] = Req(ev.adapter, ev.session_id, hist + ev.prompt_len, ev.max_new_tokens)
+        self.s.used.add(ev.rid)
 
     def _on_PrefixHit(self, ev: E.PrefixHit) -> None:
         r = self._req(ev.rid, "waiting")

@@ -18,6 +18,8 @@ NumericMachine = make_machine("NumericMachine", network="tiny", numeric=True)
 # drains come fast: a short wait threshold, and a victim is retracted as soon as it made progress
 DRAIN = {"lora_drain_wait_threshold": 0.1, "lora_drain_policy": "preempt", "lora_drain_quantum": 0.01}
 DrainMachine = make_machine("DrainMachine", **DRAIN)
+# ended requests are forgotten at once (but for two): the model must forget the same ones
+RetiringMachine = make_machine("RetiringMachine", max_finished_requests=2)
 
 _common = {"deadline": None, "database": None, "derandomize": True, "suppress_health_check": list(HealthCheck)}
 
@@ -29,6 +31,9 @@ TestOverlapSessionsMachine.settings = settings(max_examples=150, stateful_step_c
 
 TestDrainMachine = DrainMachine.TestCase
 TestDrainMachine.settings = settings(max_examples=200, stateful_step_count=30, **_common)
+
+TestRetiringMachine = RetiringMachine.TestCase
+TestRetiringMachine.settings = settings(max_examples=150, stateful_step_count=30, **_common)
 
 TestNumericMachine = NumericMachine.TestCase
 TestNumericMachine.settings = settings(max_examples=25, stateful_step_count=20, **_common)

@@ -71,6 +71,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"lora_drain_wait_threshold": "1"}, "lora_drain_wait_threshold", "finite number >= 0"),
     ({"lora_drain_tolerance": 0.99}, "lora_drain_tolerance", ">= 1.0"),
     ({"lora_drain_policy": "fair"}, "lora_drain_policy", "preempt"),
+    ({"max_finished_requests": -1}, "max_finished_requests", "max_finished_requests"),
+    ({"max_finished_requests": 1.0}, "max_finished_requests", "max_finished_requests"),
     ({"lora_drain_quantum": -1.0}, "lora_drain_quantum", "finite number >= 0"),
     ({"lora_drain_quantum": NAN}, "lora_drain_quantum", "finite number >= 0"),
     ({"lora_drain_max_preemptions": -1}, "lora_drain_max_preemptions", "lora_drain_max_preemptions"),

@@ -32,6 +32,7 @@ from lorainv.events import (
     SessionSaved,
     SlotReserved,
 )
+from lorainv.ops import AddRequest
 
 A, B, C = "gen:4:1", "gen:8:2", "gen:4:3"
 
@@ -286,6 +287,28 @@ def test_overlap_load_of_the_reserved_adapter_ends_its_reservation() -> None:
     ]
     d.finish()
     assert d.engine.status("rc") == "finished"
+
+
+# -- retiring ended requests ---------------------------------------------------------------------
+def test_max_finished_requests_retires_the_oldest_ended_requests() -> None:
+    d = _loaded(Driver(config(network="dummy", max_finished_requests=2)), "a")
+    for i in range(3):
+        d.add(f"q{i}", [1, 2, i], "a", 2)
+    d.abort("q1")  # ends first: aborted while waiting
+    d.add("q3", [4, 5], None, 3)
+    d.finish()  # the model retires the same requests (refinement is checked after every op)
+    ended = [e.rid for _, ev in d.log for e in ev if isinstance(e, (Finished, Aborted))]
+    assert ended == ["q1", "q0", "q2", "q3"]
+    assert set(d.engine.requests) == {"q2", "q3"} and set(d.model.s.reqs) == {"q2", "q3"}
+    assert d.engine.status("q3") == "finished" and len(d.engine.output("q3")) == 3
+    with pytest.raises(RequestError, match=r"request 'q0' ended and was retired \(max_finished_requests=2\)"):
+        d.engine.output("q0")
+    before = d.engine.snapshot()
+    ev = d.engine.apply(AddRequest("q1", (1,), None, 1))  # a retired id stays used
+    assert [e.kind for e in ev] == ["Rejected"] and "already used" in ev[0].message
+    assert state_key(d.engine.snapshot()) == state_key(before)
+    with pytest.raises(RequestError, match="max_finished_requests=2: outputs would be retired unread"):
+        d.engine.generate([[1], [2], [3]])
 
 
 # -- sessions ------------------------------------------------------------------------------------
