@@ -89,6 +89,7 @@ class Peak:
     rows: int = 0  # req_to_token rows in use
     live_requests: int = 0
     loads_in_flight: int = 0
+    pinned_bytes: int = 0  # pinned host cache (all TP ranks); bounded by the registered adapters
 
 
 @dataclass
@@ -225,6 +226,7 @@ def observe_peak(h: Harness, peak: Peak) -> None:
     peak.slots = max(peak.slots, eng.pool.num_slots - len(eng.pool.free_slots()))
     peak.rows = max(peak.rows, eng.rows.size - len(eng.rows.free_rows()))
     peak.live_requests = max(peak.live_requests, sum(1 for r in eng.requests.values() if r.state.live))
+    peak.pinned_bytes = max(peak.pinned_bytes, eng.pool.host_cache.nbytes())
     if eng.loader is not None:
         peak.loads_in_flight = max(peak.loads_in_flight, len(eng.loader.tracked()))
 
@@ -255,6 +257,7 @@ def teardown(h: Harness) -> tuple[list[Violation], dict[str, int]]:
         "loads_in_flight": len(snap.lora.loads),
         "registered": len(snap.lora.registered),
         "sessions": len(snap.sessions),
+        "pinned_entries": len(snap.pinned.entries),
     }
     return [], leaks
 
@@ -375,9 +378,11 @@ def table(r: dict[str, Any]) -> str:
         ("peak slots", f"{p['slots']}/{cap['slots']}"),
         ("peak rows", f"{p['rows']}/{cap['rows']}"),
         ("peak live requests", p["live_requests"]),
+        ("peak pinned host bytes", f"{p.get('pinned_bytes', 0):,}"),
         ("leaked tokens", leaks.get("tokens", "n/a")),
         ("leaked rows", leaks.get("rows", "n/a")),
         ("leaked slots", leaks.get("slots", "n/a")),
+        ("leaked pinned entries", leaks.get("pinned_entries", "n/a")),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     lines = [f"lorainv soak — seed {r['seed']}, {r['adapters']} adapters over {cap['slots']} slots, strict level 2"]

@@ -30,6 +30,7 @@ class ReqSnap:
     fill_len: int
     row_entries: np.ndarray  # req_to_token[row, :alloc_len] as stored
     cache_node: int | None  # id of the locked prefix-cache node, if any
+    fill: tuple[int, ...] = ()  # the tokens the request asked the KV for (history + prompt + outputs)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class PrefixNodeSnap:
     parent: int | None
     indices: np.ndarray
     lock_ref: int
+    key: tuple[int, ...] = ()  # the token ids on the node's edge (one per index)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,24 @@ class DrainSnap:
     reserved: tuple[Any, ...] = ()  # starving adapters a drain freed a slot for
 
 
+@dataclass(frozen=True)
+class PinnedEntrySnap:
+    key: str
+    adapter: str
+    nbytes: int  # bytes of the pinned slice
+    current: bool  # its source is one of the registered adapter's tensors (not a stale copy)
+
+
+@dataclass(frozen=True)
+class PinnedSnap:
+    """The pinned host cache (shared by every TP rank of the engine)."""
+
+    entries: tuple[PinnedEntrySnap, ...] = ()
+    bytes: int = 0  # the cache's own byte count
+    need: tuple[tuple[str, int], ...] = ()  # registered adapter -> host bytes of its tensors
+    tp_size: int = 1  # ranks that may each pin a slice of every tensor
+
+
 EMPTY_NAME = "<EMPTY>"
 
 
@@ -109,6 +129,7 @@ class Snapshot:
     max_loras_per_batch: int
     idle: bool
     finished: tuple[str, ...] = field(default=())  # rids that reached a final state (ever)
+    pinned: PinnedSnap = field(default_factory=PinnedSnap)
 
     @cached_property
     def _live(self) -> tuple[ReqSnap, ...]:

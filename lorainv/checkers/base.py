@@ -65,7 +65,17 @@ def run_checks(snap: Snapshot, checkers: Iterable[Checker] | None = None) -> lis
 
 def _load_all() -> None:
     # importing the modules registers their checkers
-    from lorainv.checkers import drainer, kv, lora, overlap, prefix, req_to_token, requests, sessions  # noqa: F401
+    from lorainv.checkers import (  # noqa: F401
+        drainer,
+        kv,
+        lora,
+        overlap,
+        pinned,
+        prefix,
+        req_to_token,
+        requests,
+        sessions,
+    )
 
 
 def shown(items: Iterable[object], limit: int = 16) -> tuple[object, ...]:

@@ -580,6 +580,8 @@ class Engine:
             ev.append(Unpinned(op.name))
         if op.name in self.pool.uid_to_slot:
             ev.extend(self.pool.evict(op.name))
+        # no slot holds it and no load of it is in flight (refused above), so no copy reads these
+        self.pool.release_host_copies(op.name)
         # KV cached under this name came from these weights; a later adapter of the same name must not match it
         dropped = self.cache.drop_namespace(op.name)
         if dropped:

@@ -9,8 +9,9 @@ Invariants (checked by the lora checkers and the stateful tests):
 * L6: after `load`, the slot holds exactly the adapter's weights in the `LoraBuffers`
   layout; its rank tail and the groups it lacks are zero (see `hygiene_violations`).
 
-Mutating calls: `load`, `evict`, `unmap_failed`, `touch`, `pin`, `unpin`, `prepare_batch`.
-Pure: `slot_of`, `can_fit`, `choose_slot`, `state`, `hygiene_violations`. A call that raises
+Mutating calls: `load`, `evict`, `unmap_failed`, `touch`, `pin`, `unpin`, `prepare_batch`,
+`release_host_copies`. Pure: `slot_of`, `can_fit`, `choose_slot`, `state`, `hygiene_violations`,
+`loaded_at`, `host_cache`. A call that raises
 leaves the pool unchanged. Callers keep loads in flight out of reach of eviction by passing
 them in ``protected`` (`OverlapLoader.start_load` does this itself).
 """
@@ -89,6 +90,15 @@ class LoraPool:
         self._staging: dict[int, list[torch.Tensor]] = {}  # keeps cast staging alive while copies run
 
     # ---- pure queries -------------------------------------------------------------------
+
+    @property
+    def host_cache(self) -> PinnedHostCache:
+        """The pinned host cache this pool loads through (shared by the ranks of one host)."""
+        return self.pipeline.cache
+
+    def loaded_at(self, uid: Uid) -> int | None:
+        """The logical tick at which resident ``uid`` was loaded; None when not resident."""
+        return self._loaded_at.get(uid)
 
     def slot_of(self, uid: Uid) -> int:
         """The slot of a resident ``uid``; `AdapterNotResidentError` otherwise (never slot 0)."""
@@ -279,6 +289,16 @@ class LoraPool:
             events += self.load(u, None if u is None else registry[u], choice[0], self.device.current_stream())
         self.touch(want)
         return events
+
+    def release_host_copies(self, uid: str) -> int:
+        """Drop ``uid``'s pinned host slices (on unregister); returns how many were dropped.
+
+        Refused (`PoolError`, nothing dropped) while ``uid`` is mapped: a mapped slot may still
+        have copies in flight that read those slices. Callers also keep it out of the loader.
+        """
+        if uid in self.uid_to_slot:
+            raise PoolError(f"adapter {uid!r} is still resident in slot {self.uid_to_slot[uid]}; evict it first")
+        return self.host_cache.drop(uid)
 
     # ---- internals ----------------------------------------------------------------------
 

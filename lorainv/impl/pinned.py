@@ -69,7 +69,13 @@ def tp_slice(t: torch.Tensor, dims: ModelDims, group: str, which: str, tp_rank: 
 
 @dataclass
 class PinnedHostCache:
-    """Pinned host slices by key; may be shared by the pools of several TP ranks on one host."""
+    """Pinned host slices by key; may be shared by the pools of several TP ranks on one host.
+
+    An entry lives from the first load that pins it until its adapter is unregistered
+    (`drop`); the engine drops only once no slot holds the adapter and no copy of it is in
+    flight, so no pending copy loses its source. Mutating: `get` (on a miss), `drop`.
+    Pure: `nbytes`, `view`.
+    """
 
     # key -> (adapter name, source tensor, pinned slice)
     entries: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -77,6 +83,7 @@ class PinnedHostCache:
     misses: int = 0
 
     def get(self, key: str, adapter: str, src: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The pinned slice of ``src`` under ``key``; made with ``make()`` on a miss (mutates)."""
         hit = self.entries.get(key)
         if hit is not None and hit[1] is src:
             self.hits += 1
@@ -87,11 +94,20 @@ class PinnedHostCache:
         return pinned
 
     def drop(self, adapter: str) -> int:
-        """Forget every slice of ``adapter`` (on unregister); returns how many were dropped."""
+        """Forget every slice of ``adapter`` (on unregister), for every rank; returns how many
+        were dropped (mutates)."""
         gone = [k for k, e in self.entries.items() if e[0] == adapter]
         for k in gone:
             del self.entries[k]
         return len(gone)
+
+    def nbytes(self) -> int:
+        """Bytes held by every pinned slice (pure)."""
+        return sum(e[2].numel() * e[2].element_size() for e in self.entries.values())
+
+    def view(self) -> tuple[tuple[str, str, int, torch.Tensor], ...]:
+        """``(key, adapter, pinned bytes, source tensor)`` per entry, in key order (pure)."""
+        return tuple((k, e[0], e[2].numel() * e[2].element_size(), e[1]) for k, e in sorted(self.entries.items()))
 
 
 class PinnedPipeline:

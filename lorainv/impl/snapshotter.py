@@ -12,6 +12,8 @@ from lorainv.snapshot import (
     DrainSnap,
     LoadSnap,
     LoraSnap,
+    PinnedEntrySnap,
+    PinnedSnap,
     PrefixNodeSnap,
     ReqSnap,
     SessionSnap,
@@ -62,6 +64,20 @@ def _hygiene(engine: Any) -> list[tuple[Any, str]]:
             seen[key] = tuple(pool.hygiene_violations(uid))
         out.extend((uid, msg) for msg in seen[key])
     return out
+
+
+def _pinned(engine: Any) -> PinnedSnap:
+    """The pinned host cache as plain values; ``current`` compares tensor identity only."""
+    cache = engine.pool.host_cache
+    sources: dict[str, set[int]] = {}
+    for name, a in engine.registry.items():
+        sources[name] = {id(t) for layer in a.weights for ab in layer.values() for t in ab}
+    entries = tuple(
+        PinnedEntrySnap(key, adapter, nbytes, id(src) in sources.get(adapter, ()))
+        for key, adapter, nbytes, src in cache.view()
+    )
+    need = tuple(sorted((n, a.nbytes()) for n, a in engine.registry.items()))
+    return PinnedSnap(entries, cache.nbytes(), need, engine.cfg.tp_size)
 
 
 def take_snapshot(engine: Any) -> Snapshot:
@@ -132,4 +148,5 @@ def take_snapshot(engine: Any) -> Snapshot:
         max_loras_per_batch=engine.cfg.max_loras_per_batch,
         idle=engine.is_idle(),
         finished=tuple(r.rid for r in engine.requests.values() if not r.state.live),
+        pinned=_pinned(engine),
     )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lorainv.config import RuntimeConfig
-from lorainv.errors import ConfigError
+from lorainv.errors import ConfigError, PoolError
 from lorainv.events import Event
 from lorainv.impl.dims import ModelDims
 from lorainv.impl.lora_pool import LoraPool
@@ -65,6 +65,13 @@ class TensorParallelPools:
     def unpin(self, uid: str) -> None:
         for p in self.pools:
             p.unpin(uid)
+
+    def release_host_copies(self, uid: str) -> int:
+        """Drop ``uid``'s slices once, for every rank, after every rank has unmapped it."""
+        for r, p in enumerate(self.pools):
+            if uid in p.uid_to_slot:
+                raise PoolError(f"adapter {uid!r} is still resident on tp rank {r}; evict it first")
+        return self.primary.host_cache.drop(uid)
 
     def hygiene_violations(self, uid: Any) -> list[str]:
         return [f"tp rank {r}: {msg}" for r, p in enumerate(self.pools) for msg in p.hygiene_violations(uid)]

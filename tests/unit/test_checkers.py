@@ -452,7 +452,7 @@ def test_aborting_every_kind_of_request_leaves_all_checkers_clean() -> None:
 
 # -- composition --------------------------------------------------------------------------------
 
-KNOWN = {"drainer", "kv", "lora", "overlap", "prefix", "req_to_token", "requests", "sessions"}
+KNOWN = {"drainer", "kv", "lora", "overlap", "pinned", "prefix", "req_to_token", "requests", "sessions"}
 
 
 def test_all_checkers_builds_fresh_instances_of_every_registered_checker() -> None:
