@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on CPU only under the interpreter, which must be chosen before any kernel
@@ -15,3 +16,14 @@ if not torch.cuda.is_available():
 # The suite runs in xdist workers on a 2-core machine; intra-op threads in each worker only
 # fight each other over the tiny tensors used here (measured: small ops 3-100x slower).
 torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """lorainv's own suite runs under ``lorainv-dev`` unless a profile was asked for (the plugin
+    itself never loads one by default; ``ci/gate`` passes ``--hypothesis-profile=lorainv-ci``)."""
+    from hypothesis import settings
+
+    if config.getoption("--hypothesis-profile", default=None) is None and not os.environ.get(
+        "LORAINV_HYPOTHESIS_PROFILE"
+    ):
+        settings.load_profile("lorainv-dev")

@@ -1,13 +1,17 @@
-"""Hypothesis settings profiles for lorainv suites.
+"""Hypothesis settings profiles for lorainv suites, registered under lorainv's own names.
 
-* ``ci``: derandomized, bounded, no example database written (nothing outside the repo);
-* ``dev``: the default — Hypothesis's local database under ``.hypothesis/``;
-* ``nightly``: long runs.
+* ``lorainv-ci``: derandomized, bounded, no example database written (nothing outside the repo);
+* ``lorainv-dev``: Hypothesis's local database under ``.hypothesis/``;
+* ``lorainv-nightly``: long runs.
 
-``LORAINV_HYPOTHESIS_DB=redis://host:port[/db]`` replaces the database of ``dev`` and
-``nightly`` with Hypothesis's Redis example database, so several machines or xdist
-workers share the failures they find. Select a profile with pytest's
-``--hypothesis-profile NAME`` or ``LORAINV_HYPOTHESIS_PROFILE``.
+Registering them changes nothing: Hypothesis's own profiles (``default``, ``ci``) and the
+loaded profile are left alone. A profile is loaded only when asked for, with pytest's
+``--hypothesis-profile NAME`` or ``LORAINV_HYPOTHESIS_PROFILE=NAME`` (any registered profile,
+a user's own included).
+
+``LORAINV_HYPOTHESIS_DB=redis://host:port[/db]`` replaces the database of ``lorainv-dev`` and
+``lorainv-nightly`` with Hypothesis's Redis example database, so several machines or xdist
+workers share the failures they find.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from hypothesis.database import ExampleDatabase
 
 from lorainv.errors import ConfigError
 
-PROFILES = ("ci", "dev", "nightly")
+PROFILES = ("lorainv-ci", "lorainv-dev", "lorainv-nightly")
 
 
 def database_from_env(env: Mapping[str, str] | None = None) -> ExampleDatabase | None:
@@ -41,8 +45,9 @@ def database_from_env(env: Mapping[str, str] | None = None) -> ExampleDatabase |
 
 
 def register_profiles(env: Mapping[str, str] | None = None) -> None:
-    # parent: Hypothesis's defaults, not the profile loaded now (a bare settings() inherits that,
-    # so re-registering while ``ci`` is active would give ``dev`` derandomize=True and no database)
+    """Register the three ``lorainv-*`` profiles (mutates Hypothesis's profile registry only;
+    the loaded profile stays what it was)."""
+    # parent: Hypothesis's defaults, not the profile loaded now (a bare settings() inherits that)
     shared: dict[str, Any] = {
         "parent": settings.get_profile("default"),
         "deadline": None,
@@ -50,15 +55,34 @@ def register_profiles(env: Mapping[str, str] | None = None) -> None:
     }
     db = database_from_env(env)
     local: dict[str, Any] = {} if db is None else {"database": db}
-    settings.register_profile("ci", derandomize=True, database=None, max_examples=60, print_blob=True, **shared)
-    settings.register_profile("dev", max_examples=100, **shared, **local)
-    settings.register_profile("nightly", max_examples=5000, stateful_step_count=60, **shared, **local)
+    settings.register_profile("lorainv-ci", derandomize=True, database=None, max_examples=60, print_blob=True, **shared)
+    settings.register_profile("lorainv-dev", max_examples=100, **shared, **local)
+    settings.register_profile("lorainv-nightly", max_examples=5000, stateful_step_count=60, **shared, **local)
 
 
-def load_profile_from_env(env: Mapping[str, str] | None = None) -> str:
+def profile_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The profile ``LORAINV_HYPOTHESIS_PROFILE`` asks for, or None when it is unset.
+
+    Pure: loads nothing. A name that is not a registered profile is a `ConfigError`.
+    """
     env = os.environ if env is None else env
-    name = env.get("LORAINV_HYPOTHESIS_PROFILE", "dev")
-    if name not in PROFILES:
-        raise ConfigError(f"LORAINV_HYPOTHESIS_PROFILE={name!r}; choose one of {list(PROFILES)}")
-    settings.load_profile(name)
+    name = env.get("LORAINV_HYPOTHESIS_PROFILE", "")
+    if not name:
+        return None
+    try:
+        settings.get_profile(name)
+    except Exception:  # Hypothesis raises InvalidArgument for an unknown name
+        raise ConfigError(
+            f"LORAINV_HYPOTHESIS_PROFILE={name!r} is not a registered Hypothesis profile; "
+            f"lorainv registers {list(PROFILES)} (or register your own in a conftest.py)"
+        ) from None
+    return name
+
+
+def load_profile_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """Load the profile ``LORAINV_HYPOTHESIS_PROFILE`` names (mutates Hypothesis's loaded
+    profile); with the variable unset, load nothing and return None."""
+    name = profile_from_env(env)
+    if name is not None:
+        settings.load_profile(name)
     return name

@@ -1,10 +1,14 @@
 """pytest plugin (entry point ``pytest11``): ``--lorainv-strict=0|1|2`` and fixtures.
 
 * ``lorainv_engine``: an `Engine` on the embedded tiny model, at the strict level from the
-  option (or ``LORAINV_STRICT_MEM_CHECK``). After a test that used it, the plugin drives the
-  engine to idle and runs the idle leak check; any violation fails the test.
+  option (or ``LORAINV_STRICT_MEM_CHECK``). After the body of a test that used it, the plugin
+  drives the engine to idle and runs the idle leak check; a violation fails the test itself.
 * ``lorainv_model``: a `ReferenceModel` for the same config.
 * ``lorainv_config``: the `RuntimeConfig` both are built from (override it in a conftest).
+
+The plugin leaves Hypothesis alone: it registers the ``lorainv-ci``, ``lorainv-dev`` and
+``lorainv-nightly`` profiles (see `lorainv.testing.profiles`) and loads one only when asked,
+with ``--hypothesis-profile`` or ``LORAINV_HYPOTHESIS_PROFILE``. A bad name is a usage error.
 """
 
 from __future__ import annotations
@@ -33,10 +37,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from lorainv.errors import ConfigError
     from lorainv.testing.profiles import load_profile_from_env
 
     if config.getoption("--hypothesis-profile", default=None) is None:
-        load_profile_from_env()
+        try:
+            load_profile_from_env()
+        except ConfigError as e:
+            raise pytest.UsageError(str(e)) from None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """After a passing test body that used ``lorainv_engine``: drain it to idle and run the
+    idle leak check, so a violation fails the test itself (not its teardown)."""
+    result = yield
+    funcargs = getattr(item, "funcargs", {})
+    engine = funcargs.get("lorainv_engine")
+    if engine is not None:
+        from lorainv.checkers.liveness import drain_to_idle
+        from lorainv.errors import InvariantViolation
+
+        violations = drain_to_idle(engine, 10_000)
+        violations += engine.check()
+        if violations:
+            raise InvariantViolation(violations)
+    return result
 
 
 def strict_level(config: pytest.Config) -> int:
@@ -48,27 +74,26 @@ def strict_level(config: pytest.Config) -> int:
 
 @pytest.fixture
 def lorainv_config(request: pytest.FixtureRequest) -> Any:
+    """The `RuntimeConfig` of ``lorainv_engine`` and ``lorainv_model``: the embedded tiny
+    model in float64 at the strict level of ``--lorainv-strict`` (or
+    ``LORAINV_STRICT_MEM_CHECK``). Override this fixture in a conftest.py to test another config."""
     from lorainv.config import RuntimeConfig
 
     return RuntimeConfig(strict_mem_check=strict_level(request.config), dtype="float64")
 
 
 @pytest.fixture
-def lorainv_engine(lorainv_config: Any) -> Iterator[Any]:
-    from lorainv.checkers.liveness import drain_to_idle
-    from lorainv.errors import InvariantViolation
+def lorainv_engine(lorainv_config: Any) -> Any:
+    """A fresh `Engine` built from ``lorainv_config``. When the test body passes, the plugin
+    steps it to idle (liveness) and runs every checker; a violation fails the test."""
     from lorainv.impl.engine import Engine
 
-    engine = Engine(lorainv_config)
-    yield engine
-    violations = drain_to_idle(engine, 10_000)
-    violations += engine.check()
-    if violations:
-        raise InvariantViolation(violations)
+    return Engine(lorainv_config)
 
 
 @pytest.fixture
 def lorainv_model(lorainv_config: Any) -> Any:
+    """A `ReferenceModel` for ``lorainv_config``: feed it ``observe(op, events)``."""
     from lorainv.model.reference import ReferenceModel
 
     return ReferenceModel(lorainv_config)

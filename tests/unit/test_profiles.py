@@ -1,5 +1,6 @@
-"""Hypothesis profiles (`lorainv.testing.profiles`): the documented settings of ``ci``, ``dev``
-and ``nightly``, the env-var errors, and a real Redis example database shared by two separate
+"""Hypothesis profiles (`lorainv.testing.profiles`): the documented settings of ``lorainv-ci``,
+``lorainv-dev`` and ``lorainv-nightly``, Hypothesis's own profiles left alone, the env-var
+errors, and a real Redis example database shared by two separate
 Hypothesis runs (the second replays the first one's shrunk failure as its very first example).
 """
 
@@ -37,7 +38,7 @@ def restore_profiles() -> Iterator[None]:
 # -- the profiles ---------------------------------------------------------------------------------
 def test_profiles_have_the_documented_settings(restore_profiles: None) -> None:
     register_profiles({})
-    assert PROFILES == ("ci", "dev", "nightly")
+    assert PROFILES == ("lorainv-ci", "lorainv-dev", "lorainv-nightly")
     ci, dev, nightly = (settings.get_profile(n) for n in PROFILES)
     assert ci.derandomize is True and ci.database is None and ci.print_blob is True
     assert ci.max_examples == 60
@@ -47,12 +48,22 @@ def test_profiles_have_the_documented_settings(restore_profiles: None) -> None:
         assert prof.deadline is None
 
 
+def test_registering_leaves_hypothesis_profiles_alone(restore_profiles: None) -> None:
+    """Hypothesis's own ``default`` and ``ci`` keep their settings and the loaded profile stays."""
+    before = settings.get_current_profile_name()
+    hyp_ci = settings.get_profile("ci")
+    default = settings.get_profile("default")
+    register_profiles({})
+    assert settings.get_current_profile_name() == before
+    assert settings.get_profile("ci") is hyp_ci and settings.get_profile("default") is default
+
+
 def test_profiles_do_not_inherit_the_loaded_profile(restore_profiles: None) -> None:
     """Regression: registering while ``ci`` was loaded made ``dev`` derandomized with no database."""
     register_profiles({})
-    settings.load_profile("ci")
+    settings.load_profile("lorainv-ci")
     register_profiles({})
-    dev = settings.get_profile("dev")
+    dev = settings.get_profile("lorainv-dev")
     assert dev.derandomize is False and dev.database is not None and dev.print_blob is False
 
 
@@ -61,21 +72,26 @@ def test_redis_url_replaces_the_database_of_dev_and_nightly_only(restore_profile
     from hypothesis.extra.redis import RedisExampleDatabase
 
     register_profiles({"LORAINV_HYPOTHESIS_DB": "redis://127.0.0.1:1/0"})  # never connected to here
-    assert settings.get_profile("ci").database is None
-    for name in ("dev", "nightly"):
+    assert settings.get_profile("lorainv-ci").database is None
+    for name in ("lorainv-dev", "lorainv-nightly"):
         assert isinstance(settings.get_profile(name).database, RedisExampleDatabase)
 
 
 def test_load_profile_from_env(restore_profiles: None) -> None:
-    assert load_profile_from_env({}) == "dev"
-    assert load_profile_from_env({"LORAINV_HYPOTHESIS_PROFILE": "ci"}) == "ci"
-    assert settings.get_current_profile_name() == "ci" and settings().derandomize is True
+    before = settings.get_current_profile_name()
+    assert load_profile_from_env({}) is None
+    assert settings.get_current_profile_name() == before  # unset: nothing is loaded
+    assert load_profile_from_env({"LORAINV_HYPOTHESIS_PROFILE": "lorainv-ci"}) == "lorainv-ci"
+    assert settings.get_current_profile_name() == "lorainv-ci" and settings().derandomize is True
+    settings.register_profile("users-own", max_examples=7)
+    assert load_profile_from_env({"LORAINV_HYPOTHESIS_PROFILE": "users-own"}) == "users-own"
+    assert settings().max_examples == 7
 
 
-@pytest.mark.parametrize("name", ["nope", "CI", " ci", "default"])
+@pytest.mark.parametrize("name", ["nope", "lorainv-CI", " lorainv-dev"])
 def test_unknown_profile_name_is_a_config_error(restore_profiles: None, name: str) -> None:
     before = settings.get_current_profile_name()
-    with pytest.raises(ConfigError, match=r"LORAINV_HYPOTHESIS_PROFILE=.*choose one of \['ci', 'dev', 'nightly'\]"):
+    with pytest.raises(ConfigError, match=r"LORAINV_HYPOTHESIS_PROFILE=.*not a registered Hypothesis profile"):
         load_profile_from_env({"LORAINV_HYPOTHESIS_PROFILE": name})
     assert settings.get_current_profile_name() == before  # refused before anything was loaded
 

@@ -1,9 +1,11 @@
 """The pytest plugin (`lorainv.testing.pytest_plugin`), run on small inner test files with
 pytest's ``pytester``: ``--lorainv-strict`` sets the level of the ``lorainv_engine``
-fixture, and a test that leaks fails at teardown with the idle leak check's violation."""
+fixture, a test that leaks fails (the test itself, not its teardown) with the idle leak check's
+violation, and the plugin leaves Hypothesis's profiles alone unless asked."""
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import entry_points
 
 import pytest
@@ -47,19 +49,19 @@ def test_leaks(lorainv_engine):
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
-def test_leak_fails_at_teardown(pytester: pytest.Pytester, level: int) -> None:
+def test_leak_fails_the_test(pytester: pytest.Pytester, level: int) -> None:
     pytester.makepyfile(test_inner=INNER.format(level=level))
     result = pytester.runpytest(f"--lorainv-strict={level}", *ONLY_LORAINV)
-    result.assert_outcomes(passed=3, errors=1)
+    result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*ERROR at teardown of test_leaks*",
+            "*_ test_leaks _*",
             "*InvariantViolation*",
             "*[[]kv/K1[]] available * != total 2048 offenders=[[]-2[]]*",
             "*[[]kv/K3[]] leaked token indices: owned by nobody offenders=[[]5, 6[]]*",
         ]
     )
-    assert "ERROR at teardown of test_clean" not in result.stdout.str()
+    assert "ERROR at teardown" not in result.stdout.str()
 
 
 def test_level_from_the_environment(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,17 +102,85 @@ def test_retraction_leak(lorainv_engine):
 
 def test_level_2_fails_inside_the_test(pytester: pytest.Pytester) -> None:
     """With a conftest-overridden config (a fault that leaks on retraction), level 2 fails the
-    test at the step that leaks; level 0 lets the test body pass and fails at teardown."""
+    test at the step that leaks; level 0 lets the body run and fails the test after it."""
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_inner=RETRACTING)
     result = pytester.runpytest("--lorainv-strict=2", *ONLY_LORAINV)
-    # the step fails the test; the teardown's leak check then reports the same leak again
-    result.assert_outcomes(failed=1, errors=1)
+    # the step fails the test; no second report from a teardown
+    result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         ["*InvariantViolation*", "*[[]kv/K3[]] leaked token indices*offenders=[[]14, 15[]]*", "*last 5 step(s)*"]
     )
     result.stdout.fnmatch_lines(["*test_inner.py:5: *"])  # the 5th line of the inner file: the step
 
     result = pytester.runpytest("--lorainv-strict=0", *ONLY_LORAINV)
-    result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*ERROR at teardown of test_retraction_leak*", "*offenders=[[]14, 15[]]*"])
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*_ test_retraction_leak _*", "*offenders=[[]14, 15[]]*"])
+    assert "ERROR at teardown" not in result.stdout.str()
+
+
+# -- Hypothesis is left alone -----------------------------------------------------------------------
+# Profiles are process-global, so these run pytest in a subprocess with the real plugin set
+# (Hypothesis's own plugin included), as a user's project would.
+PROFILE_PROBE = """
+from hypothesis import settings
+
+
+def test_probe():
+    print("PROFILE=" + settings.get_current_profile_name())
+    print("DERANDOMIZE=" + str(settings().derandomize))
+    print("DEADLINE=" + str(settings().deadline))
+"""
+
+
+def _probe(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, *args: str, **env: str) -> dict[str, str]:
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    for name in ("CI", "LORAINV_HYPOTHESIS_PROFILE", "LORAINV_HYPOTHESIS_DB"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pytester.makepyfile(test_probe=PROFILE_PROBE)
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=1)
+    found = re.findall(r"\b(PROFILE|DERANDOMIZE|DEADLINE)=(\S+)", "\n".join(result.outlines))
+    return dict(found)
+
+
+def test_plain_test_sees_hypothesis_defaults(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _probe(pytester, monkeypatch)
+    assert seen["PROFILE"] == "default" and seen["DEADLINE"] == "0:00:00.200000"
+
+
+def test_hypothesis_ci_profile_survives_under_ci(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _probe(pytester, monkeypatch, CI="true")
+    assert seen["PROFILE"] == "ci" and seen["DERANDOMIZE"] == "True"
+
+
+def test_users_conftest_profile_wins(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeconftest(
+        "from hypothesis import settings\n"
+        "settings.register_profile('mine', derandomize=True, deadline=None)\n"
+        "settings.load_profile('mine')\n"
+    )
+    seen = _probe(pytester, monkeypatch)
+    assert seen == {"PROFILE": "mine", "DERANDOMIZE": "True", "DEADLINE": "None"}
+    # a user's profile can also be chosen through the lorainv variable
+    pytester.makeconftest("from hypothesis import settings\nsettings.register_profile('mine', max_examples=3)\n")
+    assert _probe(pytester, monkeypatch, LORAINV_HYPOTHESIS_PROFILE="mine")["PROFILE"] == "mine"
+
+
+def test_lorainv_profiles_on_request(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _probe(pytester, monkeypatch, "--hypothesis-profile=lorainv-ci")["DERANDOMIZE"] == "True"
+    assert _probe(pytester, monkeypatch, LORAINV_HYPOTHESIS_PROFILE="lorainv-dev")["PROFILE"] == "lorainv-dev"
+
+
+def test_bad_profile_name_is_a_usage_error(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setenv("LORAINV_HYPOTHESIS_PROFILE", "no-such-profile")
+    pytester.makepyfile(test_probe=PROFILE_PROBE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*LORAINV_HYPOTHESIS_PROFILE='no-such-profile' is not a registered Hypothesis profile*"]
+    )
+    assert "INTERNALERROR" not in result.stderr.str() + result.stdout.str()
