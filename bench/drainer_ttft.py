@@ -22,8 +22,9 @@ most 2x the no-drainer median. The table says, per P, whether some setting meets
 share of requests waiting over 1 s shows how many requests the drainer pushes past the
 cliff (the median alone hides it when the 50th percentile sits just below the cliff).
 
-Run ``python -m bench.drainer_ttft [--quick]``; writes ``bench/results/drainer_ttft.json``
-and ``drainer_ttft.png`` (TTFT CDFs).
+Run ``python -m bench.drainer_ttft [--quick]``; writes ``bench/results/drainer_ttft.json``,
+``drainer_ttft.png`` (TTFT CDFs) and ``drainer_ttft_headline.png`` (median and P99 TTFT per
+slot count, drainer off against on). ``--replot JSON`` redraws the headline from a saved run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,8 +316,62 @@ def plot(rows: Sequence[Row], out_dir: Any, title: str) -> str | None:
     return str(common.save_png(fig, out_dir, NAME))
 
 
+HEADLINE_THRESHOLD = 1.0  # the drainer setting the headline shows (s)
+
+
+def headline(results: Sequence[dict[str, Any]], out_dir: Any, title: str) -> str | None:
+    """Median and P99 TTFT per ``max_loras_per_batch``: drainer off, ``admission`` and
+    ``preempt`` at `HEADLINE_THRESHOLD`, as grouped bars with their values written on them."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    ps = sorted({int(r["p"]) for r in results})
+    series = [("drainer off", "off", 0.0), ("admission, 1 s", "admission", 1.0), ("preempt, 1 s", "preempt", 1.0)]
+
+    def pick(p: int, policy: str, thr: float) -> dict[str, Any] | None:
+        for r in results:
+            off = policy == "off" and float(r["threshold"]) == 0.0
+            if int(r["p"]) == p and (off or (r["policy"] == policy and float(r["threshold"]) == thr)):
+                return r
+        return None
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    width = 0.8 / len(series)
+    for ax, key, label in ((axes[0], "ttft_p50_s", "median TTFT (s)"), (axes[1], "ttft_p99_s", "P99 TTFT (s)")):
+        for i, (name, policy, thr) in enumerate(series):
+            xs, ys = [], []
+            for j, p in enumerate(ps):
+                r = pick(p, policy, thr)
+                if r is not None:
+                    xs.append(j + (i - (len(series) - 1) / 2) * width)
+                    ys.append(float(r[key]))
+            bars = ax.bar(xs, ys, width, label=name)
+            ax.bar_label(bars, fmt="%.2g", fontsize=7, padding=1)
+        ax.set_xticks(range(len(ps)), [f"P = {p}" for p in ps])
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return str(common.save_png(fig, out_dir, f"{NAME}_headline"))
+
+
+def replot(path: str, out_dir: Any) -> int:
+    """Redraw the headline figure from a saved JSON report (no simulation)."""
+    import json
+
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    png = headline(doc["results"], out_dir, _headline_title(doc["seeds"], doc["requests_per_seed"]))
+    print(f"wrote {png}" if png else "matplotlib is not installed (pip install 'lorainv[bench]')")
+    return 0 if png else 1
+
+
+def _headline_title(seeds: int, n: int) -> str:
+    return f"TTFT with the fairness drainer off and on ({seeds} x {n} requests, simulated time)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(NAME, __doc__)
+    p.add_argument("--replot", metavar="JSON", default=None, help="redraw the headline PNG from a saved report")
     p.add_argument("--requests", type=int, default=None, help="requests per seed (default 400, quick 200)")
     p.add_argument("--seeds", type=int, default=None, help="workload seeds 0..N-1, pooled (default 3, quick 1)")
     p.add_argument("--p", default=None, help="max_loras_per_batch values (default 2,3,4; quick 3,4)")
@@ -326,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--admission-thresholds", default=None, help="admission-policy thresholds in s (default 1; '' for none)"
     )
     args = p.parse_args(argv)
+    if args.replot:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return replot(args.replot, args.out)
     n = args.requests or (200 if args.quick else 400)
     seeds = args.seeds or (1 if args.quick else 3)
     ps = [int(x) for x in (args.p or ("3,4" if args.quick else "2,3,4")).split(",")]
@@ -353,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render(rows, verdict))
     args.out.mkdir(parents=True, exist_ok=True)
     png = plot(rows, args.out, f"TTFT CDF, 6 adapters, Poisson 4/s, {seeds} x {n} requests (simulated time)")
+    results = [{k: v for k, v in asdict(r).items() if k != "ttft_sorted"} for r in rows]
+    headline_png = headline(results, args.out, _headline_title(seeds, n))
     doc = {
         "quick": args.quick,
         "requests_per_seed": n,
@@ -363,8 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goal": {"p99_cut": GOAL_P99_CUT, "max_median_ratio": GOAL_MEDIAN_RATIO},
         "verdict": {str(k): v for k, v in verdict.items()},
         "elapsed_s": round(elapsed, 2),
-        "results": [{k: v for k, v in asdict(r).items() if k != "ttft_sorted"} for r in rows],
+        "results": results,
         "png": png,
+        "headline_png": headline_png,
     }
     path = common.write_json(args.out, NAME, doc)
     print(f"\n{len(rows)} runs in {elapsed:.1f} s; wrote {path}")

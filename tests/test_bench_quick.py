@@ -90,6 +90,8 @@ def test_drainer_ttft(tmp_path: Path) -> None:
     assert rows[0]["marks"] == 0
     assert set(doc["verdict"]["2"]) >= {"goal_met", "best_threshold_within_2x_median", "largest_p99_cut"}
     assert (tmp_path / "drainer_ttft.png").stat().st_size > 0
+    assert doc["headline_png"] == str(tmp_path / "drainer_ttft_headline.png")
+    assert (tmp_path / "drainer_ttft_headline.png").stat().st_size > 0
 
 
 def test_check_overhead(tmp_path: Path) -> None:
