@@ -450,16 +450,63 @@ def write_peft_adapter(
     return out
 
 
-def parse_gen_source(source: str) -> tuple[int, int] | None:
-    """``"gen:<rank>:<seed>"`` -> ``(rank, seed)``; None when ``source`` is not a gen source."""
+class GenSource(tuple[int, int]):
+    """A parsed ``gen:`` source: ``(rank, seed)`` plus ``alpha`` (None: the rank, so scaling 1)
+    and ``use_rslora``.
+
+    It is the pair ``(rank, seed)`` (so ``rank, seed = parse_gen_source(s)`` keeps working and
+    compares equal to that pair); ``alpha`` and ``use_rslora`` are attributes. A caller that
+    builds the adapter must pass them too: `GenSource.build` does.
+    """
+
+    alpha: float | None
+    use_rslora: bool
+
+    def __new__(cls, rank: int, seed: int, alpha: float | None = None, use_rslora: bool = False) -> GenSource:
+        self = super().__new__(cls, (rank, seed))
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        return self
+
+    @property
+    def rank(self) -> int:
+        return self[0]
+
+    @property
+    def seed(self) -> int:
+        return self[1]
+
+    def build(self, name: str, dims: ModelDims, dtype: torch.dtype) -> LoraAdapter:
+        """The adapter this source describes (`generate_adapter` with every parsed field)."""
+        return generate_adapter(
+            name, dims, rank=self.rank, seed=self.seed, dtype=dtype, alpha=self.alpha, use_rslora=self.use_rslora
+        )
+
+    def __repr__(self) -> str:
+        return f"GenSource(rank={self.rank}, seed={self.seed}, alpha={self.alpha}, use_rslora={self.use_rslora})"
+
+
+_GEN_SYNTAX = "gen:<rank>:<seed>[:<alpha>[:rs]]"
+# at most 20 digits: a seed must fit torch's 64-bit generator seed (and int() has a digit limit);
+# alpha is a plain decimal (no sign, exponent, inf or nan) so every accepted value is finite and >= 0
+_GEN_RE = re.compile(r"gen:(\d{1,20}):(\d{1,20})(?::(\d{1,9}(?:\.\d{1,9})?)(:rs)?)?")
+
+
+def parse_gen_source(source: str) -> GenSource | None:
+    """``"gen:<rank>:<seed>[:<alpha>[:rs]]"`` -> `GenSource`; None when ``source`` is not a gen source.
+
+    ``alpha`` defaults to the rank (scaling 1); ``:rs`` selects rsLoRA scaling
+    (``alpha / sqrt(rank)``). A malformed gen source is an `AdapterConfigError`. Pure: no
+    state is read or written.
+    """
     if source != "gen" and not source.startswith("gen:"):
         return None
-    parts = source.split(":")
-    # at most 20 digits: a seed must fit torch's 64-bit generator seed (and int() has a digit limit)
-    ok = len(parts) == 3 and all(re.fullmatch(r"\d{1,20}", p) for p in parts[1:])
-    if not ok or int(parts[1]) < 1 or int(parts[2]) >= 1 << 64:
+    m = _GEN_RE.fullmatch(source)
+    if m is None or int(m[1]) < 1 or int(m[2]) >= 1 << 64:
         shown = source if len(source) <= 80 else source[:77] + "..."
         raise AdapterConfigError(
-            f"adapter source {shown!r}: expected 'gen:<rank>:<seed>' with rank >= 1, 0 <= seed < 2**64"
+            f"adapter source {shown!r}: expected '{_GEN_SYNTAX}' with rank >= 1, 0 <= seed < 2**64, "
+            "alpha a decimal >= 0"
         )
-    return int(parts[1]), int(parts[2])
+    alpha = None if m[3] is None else float(m[3])
+    return GenSource(int(m[1]), int(m[2]), alpha, m[4] is not None)

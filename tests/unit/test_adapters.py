@@ -401,6 +401,24 @@ def test_parse_gen_source():
     assert parse_gen_source("gen:8:42") == (8, 42)
     assert parse_gen_source("/models/a") is None
     assert parse_gen_source("general/path") is None
-    for bad in ("gen", "gen:8", "gen:0:1", "gen:x:1", "gen:8:-1", "gen:8:1:2"):
+    bad_sources = ("gen", "gen:8", "gen:0:1", "gen:x:1", "gen:8:-1", "gen:8:1:2:x", "gen:8:1::rs", "gen:8:1:rs")
+    for bad in (*bad_sources, "gen:8:1:-1", "gen:8:1:1e3", "gen:8:1:inf", "gen:8:1:nan", "gen:8:1:2:rs:3"):
         with pytest.raises(AdapterConfigError, match="gen:<rank>:<seed>"):
             parse_gen_source(bad)
+
+
+def test_gen_source_alpha_and_rslora():
+    """``gen:<rank>:<seed>:<alpha>[:rs]``: alpha and rsLoRA reach the adapter's scaling
+    (PEFT: alpha/r, or alpha/sqrt(r) with rsLoRA); the weights depend on rank and seed only."""
+    plain = parse_gen_source("gen:4:9")
+    assert (plain.alpha, plain.use_rslora) == (None, False)
+    g = parse_gen_source("gen:4:9:2")
+    rs = parse_gen_source("gen:4:9:2:rs")
+    assert g == (4, 9) and (g.alpha, g.use_rslora) == (2.0, False)
+    assert (rs.alpha, rs.use_rslora) == (2.0, True)
+    assert parse_gen_source("gen:4:9:0.5").alpha == 0.5
+    base, a2, a2rs = (s.build("x", DIMS, F32) for s in (plain, g, rs))
+    assert (base.scaling, a2.scaling, a2rs.scaling) == (1.0, 0.5, 1.0)  # 4/4, 2/4, 2/sqrt(4)
+    for la, lb in zip(base.weights, a2rs.weights):
+        for grp in la:
+            assert all(torch.equal(x, y) for x, y in zip(la[grp], lb[grp]))
