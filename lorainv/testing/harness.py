@@ -3,7 +3,8 @@ the Hypothesis machine, ``lorainv replay`` and ``lorainv fuzz``, so a saved trac
 exactly as it failed.
 
 After every op: the model validates the events (refinement), every per-pool checker and
-the refinement checker read a fresh snapshot. ``finish()`` is the teardown: complete all
+the refinement checker read a fresh snapshot, and in fast mode the token oracle judges every
+decoded token against the request's logical history. ``finish()`` is the teardown: complete all
 transfers, step to idle within a bound (liveness), run the idle leak check, and in numeric
 mode compare every finished request's tokens with the same request run alone.
 """
@@ -20,7 +21,9 @@ from lorainv.config import RuntimeConfig
 from lorainv.errors import InvariantViolation, LorainvError, Violation
 from lorainv.events import Event
 from lorainv.model.reference import ReferenceModel
+from lorainv.model.token_oracle import TokenOracle
 from lorainv.ops import AddRequest, CompleteTransfers, LoadAdapter, Op, Step, UnloadAdapter
+from lorainv.testing.numeric_oracle import LogitsRecorder, NumericOracle, check_numerics
 
 
 @dataclass
@@ -33,12 +36,20 @@ class OpRecord:
 class Harness:
     """Applies ops to an engine and a model in lockstep and collects violations."""
 
-    def __init__(self, cfg: RuntimeConfig, *, numeric: bool = False, model: Any = None) -> None:
+    def __init__(
+        self, cfg: RuntimeConfig, *, numeric: bool = False, model: Any = None, tokens: bool | None = None
+    ) -> None:
+        """``tokens``: judge every `Decoded` with the token oracle; None (default) does so exactly
+        when the engine runs the fingerprint network (fast mode), whose tokens the oracle predicts."""
         from lorainv.impl.engine import Engine
+        from lorainv.impl.fingerprint_net import FingerprintNetwork
 
         self.cfg = cfg
         self.engine = Engine(cfg, model=model)
         self.model = ReferenceModel(cfg)
+        if tokens is None:
+            tokens = isinstance(self.engine.network, FingerprintNetwork)
+        self.tokens = TokenOracle.for_config(cfg, self.engine.network.dims) if tokens else None
         self.checkers = all_checkers([RefinementChecker(self.model)])
         self.numeric = numeric
         self.records: list[OpRecord] = []
@@ -46,6 +57,11 @@ class Harness:
         self.request_sources: dict[str, str | None] = {}  # rid -> adapter source at submission
         self.history: dict[str, tuple[int, ...]] = {}  # rid -> session history at submission
         self.on_record: Callable[[OpRecord], None] | None = None
+        # -- numeric mode (H2): record every forward's logits, tagged with the op it ran under
+        self.recorder: LogitsRecorder | None = None
+        if numeric:
+            self.recorder = LogitsRecorder(self.engine.network, lambda: len(self.records))
+            self.engine.network = self.recorder
 
     @property
     def ops(self) -> list[Op]:
@@ -80,6 +96,8 @@ class Harness:
                 self.history[op.rid] = hist
         violations = self.model.observe(op, events)
         violations += run_checks(eng.snapshot(), self.checkers)
+        if self.tokens is not None:
+            violations += self.tokens.observe(op, events)
         rec = OpRecord(op, events, violations)
         self._push(rec)
         return rec
@@ -113,51 +131,12 @@ class Harness:
         return out
 
     def numeric_violations(self) -> list[Violation]:
-        """Each finished request's tokens must equal the same request run alone."""
-        out: list[Violation] = []
-        for rid, req in self.engine.requests.items():
-            if req.finish_reason != "length" or rid not in self.request_sources:
-                continue
-            want = isolated_output(
-                self.cfg, self.request_sources[rid], self.history.get(rid, ()) + req.prompt, req.max_new_tokens
-            )
-            if want != req.output:
-                out.append(
-                    Violation("numerics", "N1", f"{rid} produced {req.output}, alone it produces {want}", (rid,))
-                )
-        return out
-
-
-_ISOLATED: dict[tuple[Any, ...], list[int]] = {}
-
-
-def isolated_output(cfg: RuntimeConfig, source: str | None, prompt: tuple[int, ...], max_new: int) -> list[int]:
-    """The request alone on a fresh, fault-free engine with room for it."""
-    key = (cfg.network, cfg.seed, cfg.dtype, cfg.lora_backend, source, prompt, max_new)
-    if key not in _ISOLATED:
-        from lorainv.impl.engine import Engine
-
-        alone = RuntimeConfig(
-            network=cfg.network,
-            seed=cfg.seed,
-            dtype=cfg.dtype,
-            lora_backend=cfg.lora_backend,
-            max_total_tokens=max(64, 2 * (len(prompt) + max_new)),
-            chunked_prefill_size=max(1, len(prompt)),
-            max_loras_per_batch=2,
-            max_lora_rank=cfg.max_lora_rank,
-            device="cpu",
-        )
-        eng = Engine(alone)
-        if source is not None:
-            eng.load_adapter("x", source)
-        rid = eng.add_request(list(prompt), "x" if source is not None else None, max_new)
-        for _ in range(4 * (len(prompt) + max_new) + 16):
-            if eng.is_idle():
-                break
-            eng.step()
-        _ISOLATED[key] = eng.output(rid)
-    return list(_ISOLATED[key])
+        """Every request's emitted tokens (N1) and every logit row the engine computed for it (N2)
+        against the independent float64 forward of `lorainv.testing.numeric_oracle` (tolerance
+        ``LOGIT_ATOL``/``LOGIT_RTOL`` there). Reads only the records and the recorded logits."""
+        if self.recorder is None:
+            return []
+        return check_numerics(self.records, self.recorder.forwards, NumericOracle.for_network(self.recorder))
 
 
 def is_refusal(exc: BaseException) -> bool:
