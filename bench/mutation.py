@@ -382,16 +382,18 @@ def reached(point: MutationPoint, lines: dict[str, set[int]]) -> bool:
 
 # -- verdicts and score --------------------------------------------------------------------------
 def load_verdicts(path: Path) -> dict[str, str]:
+    """Verdicts by mutant id read from ``path`` (see `parse_verdicts`)."""
+    return parse_verdicts(path.read_text(encoding="utf-8"))
+
+
+def parse_verdicts(text: str) -> dict[str, str]:
     """Verdicts by mutant id from JSON (``{id: verdict}``), a Markdown table, or ``id verdict`` lines.
 
     In a Markdown table the row's first cell that looks like an id (``path.py:Operator:N``) is
     the id and its last non-empty cell the verdict; rows with an empty verdict are ignored.
     """
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    if text.lstrip().startswith("{"):
         doc = json.loads(text)
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path}: expected a JSON object {{id: verdict}}")
         return {str(k): str(v).strip() for k, v in doc.items() if str(v).strip()}
     id_re = re.compile(r"^`?([\w./-]+\.py:\w+:\d+)`?$")
     out: dict[str, str] = {}
@@ -479,7 +481,7 @@ def survivors_markdown(results: Sequence[MutantResult], verdicts: dict[str, str]
 def _timing(results: Sequence[MutantResult]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, sel in (
-        ("all_run", [r for r in results if r.status != "not reached"]),
+        ("all_run", [r for r in results if r.runs]),
         ("killed", [r for r in results if r.status in KILLED]),
         ("survived", [r for r in results if r.status == "survived"]),
     ):
@@ -520,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated mutant ids to run instead of a sample")
     p.add_argument("--verdicts", type=Path, default=None, help="verdicts: JSON {id: verdict}, Markdown table or text")
     p.add_argument("--no-reach", action="store_true", help="skip the coverage run; run every sampled mutant")
+    p.add_argument("--run-unreached", action="store_true", help="run the not-reached mutants too, to check that claim")
     args = p.parse_args(argv)
     n = args.sample if args.sample is not None else (4 if args.quick else 120)
     s = Settings(
@@ -574,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         results: list[MutantResult] = []
         to_run: list[MutationPoint] = []
+        unreached: set[str] = set()
         sources = {f: (base / f).read_text(encoding="utf-8") for f in files}
         for pt in chosen:
             file_lines: dict[str, set[int]] = {}
@@ -581,15 +585,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for f, ls in lines.get(mode, {}).items():
                     file_lines.setdefault(f, set()).update(ls)
             if lines and not reached(pt, file_lines):
+                unreached.add(pt.id)
+                if args.run_unreached:
+                    to_run.append(pt)
+                    continue
                 before, after = before_after(sources[pt.path], mutate(sources[pt.path], pt))
                 op = pt.operator.split("/", 1)[-1]
-                results.append(
-                    MutantResult(pt.id, pt.path, pt.line, op, before, after, status="not reached", detail="")
-                )
+                results.append(MutantResult(pt.id, pt.path, pt.line, op, before, after, status="not reached"))
             else:
                 to_run.append(pt)
         log(
-            f"  {len(chosen) - len(to_run)} not reached; running {len(to_run)} with --jobs {args.jobs}, "
+            f"  {len(unreached)} not reached; running {len(to_run)} with --jobs {args.jobs}, "
             f"timeout {timeout} s per run"
         )
         lock = threading.Lock()
@@ -606,7 +612,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return r
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results += list(pool.map(one, to_run))
+            ran = list(pool.map(one, to_run))
+        falsified = []
+        for r in ran:  # --run-unreached: a clean run confirms the claim; anything else refutes it
+            if r.id in unreached:
+                if r.status == "survived":
+                    r.status, r.detail = "not reached", "run anyway (--run-unreached): clean"
+                else:
+                    falsified.append(r.id)
+                    r.detail = f"NOT-REACHED CLAIM REFUTED ({r.status}): {r.detail}"
+                    log(f"mutation: {r.id} was predicted unreachable but ended {r.status}")
+        results += ran
         results.sort(key=lambda r: (r.path, r.line, r.id))
 
     elapsed = time.perf_counter() - t_start
@@ -650,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "by_operator_family": dict(Counter(_family(pt.operator) for pt in points).most_common()),
         },
         "baseline": baseline,
+        "unreached_refuted": falsified,
         "counts": sc,
         "timing": timing,
         "elapsed_s": round(elapsed, 1),
