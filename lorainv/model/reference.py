@@ -1,22 +1,31 @@
 """The reference model: an abstract state machine that validates every event the runtime
 reports and predicts what every pool must hold. Pure Python; it imports no torch.
 
-It does not re-implement the scheduling policy. It checks that each reported choice is
-*allowed* in the current abstract state (trace validation, as in TLA+), then updates that
-state. Memory it derives on its own: a running request holds ``pages(kv) * page_size``
-tokens minus what it borrows from the prefix cache; a session holds ``pages(kv)`` pages
-of its last turn; a retracted, finished or aborted request holds nothing.
+Three layers, each with its own violations:
+
+* refinement (pool ``model``): each reported event must be *allowed* in the current
+  abstract state (trace validation, as in TLA+), then the state is updated. An event kind
+  without an ``_on_`` handler is a violation (``unhandled-event``).
+* obligations (pool ``obligation``, `lorainv.model.obligations`): before the events are
+  read, the model predicts accept or reject, the error class and the immediate effect.
+* policy (pool ``policy``, `lorainv.model.policy`): lorainv's documented choices (victims,
+  admission order, budgets), each switchable off.
+
+Memory it derives on its own: a running request holds ``pages(kv) * page_size`` tokens
+minus what it borrows from the prefix cache; a session holds ``pages(kv)`` pages of its
+last turn; a retracted, finished or aborted request holds nothing.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorainv import events as E
 from lorainv.config import RuntimeConfig
 from lorainv.errors import Violation
+from lorainv.model.obligations import judge, predict
+from lorainv.model.policy import POLICY_CHECKS, Policy
 from lorainv.ops import Op
 
 LIVE = ("waiting", "prefilling", "decoding")
@@ -34,6 +43,18 @@ class Req:
     out: int = 0
     admit_out: int = 0  # outputs when last admitted (a drain may retract only after progress)
     drain_retracts: int = 0
+    prompt_len: int = 0
+    seq: int = 0  # arrival order (the order of `Queued` events)
+    end_no: int = 0  # 1, 2, ... in the order requests ended; 0 while live
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    @property
+    def running(self) -> bool:
+        """Holds KV and a place in the running set: prefilling (the staged chunk) or decoding."""
+        return self.state in ("prefilling", "decoding")
 
 
 @dataclass
@@ -48,7 +69,6 @@ class Session:
 class ModelState:
     reqs: dict[str, Req] = field(default_factory=dict)  # live and retained ended requests
     used: set[str] = field(default_factory=set)  # every request id ever queued
-    ended: deque[str] = field(default_factory=deque)  # retained ended requests, oldest first
     registered: dict[str, int] = field(default_factory=dict)
     pinned: set[str] = field(default_factory=set)
     slots: dict[int, Any] = field(default_factory=dict)  # slot -> uid (occupied slots)
@@ -57,6 +77,11 @@ class ModelState:
     marks: dict[Any, Any] = field(default_factory=dict)
     reserved: set[Any] = field(default_factory=set)
     cache_tokens: int = 0
+    now: float = 0.0  # the simulated clock
+    ends: int = 0  # requests ended so far (the last `end_no` handed out)
+    tick: int = 0  # logical time of slot use: a load or a batch
+    used_at: dict[Any, int] = field(default_factory=dict)  # resident uid -> tick of its load or last batch
+    loaded_at: dict[Any, int] = field(default_factory=dict)  # resident uid -> tick of its load
 
 
 class ModelError(Exception):
@@ -64,15 +89,31 @@ class ModelError(Exception):
 
 
 class ReferenceModel:
-    """``observe(op, events)`` validates and applies; ``violations`` collects what was refused."""
+    """``observe(op, events)`` validates and applies; ``violations`` collects what was refused.
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    ``vocab_size`` / ``max_context_len``: the network's, for the token-range and context
+    obligations of ``AddRequest`` (None: those outcomes are left open). ``policy``: the names
+    of `POLICY_CHECKS` to run (None: all; ``frozenset()``: none).
+    """
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        *,
+        vocab_size: int | None = None,
+        max_context_len: int | None = None,
+        policy: frozenset[str] | None = None,
+    ) -> None:
         self.cfg = config
         self.ps = config.page_size
+        self.vocab_size = vocab_size
+        self.max_context_len = max_context_len
         self.s = ModelState()
         self.violations: list[Violation] = []
+        self.policy = Policy(self, policy)
         self._batch: set[str] = set()
         self._cleared: dict[Any, Any] = {}  # this op's cleared marks: starving adapter -> victim
+        self._prev: E.Event | None = None
 
     # -- predictions --------------------------------------------------------------------------
     def pages(self, tokens: int) -> int:
@@ -88,6 +129,10 @@ class ReferenceModel:
     def live(self) -> set[str]:
         return {rid for rid, r in self.s.reqs.items() if r.state in LIVE}
 
+    def active_adapters(self) -> set[Any]:
+        """Adapters that must keep their slot: those of running requests and loads in flight."""
+        return self._running() | self.s.loading
+
     def resident(self) -> dict[Any, int]:
         return {uid: slot for slot, uid in self.s.slots.items()}
 
@@ -97,30 +142,54 @@ class ReferenceModel:
 
     # -- observation ----------------------------------------------------------------------------
     def observe(self, op: Op, events: list[E.Event]) -> list[Violation]:
-        """Validate and apply ``events`` (caused by ``op``); returns the new violations."""
-        new: list[Violation] = []
-        self._batch, self._cleared = set(), {}
-        for ev in events:
-            try:
-                handler = getattr(self, f"_on_{ev.kind}", None)
-                if handler is not None:
-                    handler(ev)
-            except ModelError as e:
-                # later events of this op are consequences of the refused one: report the first
-                new.append(Violation("model", "refinement", f"{op.kind}: {ev} not allowed: {e}", _ids(ev)))
-                break
-        self._retire(events)
+        """Predict ``op``'s obligations, then validate and apply ``events`` (caused by
+        ``op``) and run the policy checks; returns the new violations (mutates the model)."""
+        want = predict(self, op)
+        self.policy.begin(op.kind)
+        new = self._apply(op.kind, events)
+        new += judge(op, want, events)
+        new += self.policy.end()
         self.violations.extend(new)
         return new
 
-    def _retire(self, events: list[E.Event]) -> None:
-        """Forget ended requests beyond ``max_finished_requests``, oldest first, as the engine does."""
+    def observe_events(self, events: list[E.Event], label: str = "events") -> list[Violation]:
+        """Validate and apply ``events`` with no op: refinement only, no obligations and no
+        policy (for hand-made streams and targets that report events without ops)."""
+        self.policy.begin(label)
+        on, self.policy.on = self.policy.on, frozenset()
+        try:
+            new = self._apply(label, events)
+        finally:
+            self.policy.on = on
+        self.violations.extend(new)
+        return new
+
+    def _apply(self, label: str, events: list[E.Event]) -> list[Violation]:
+        new: list[Violation] = []
+        self._batch, self._cleared, self._prev = set(), {}, None
+        for ev in events:
+            handler = getattr(self, f"_on_{ev.kind}", None)
+            if handler is None:
+                new.append(Violation("model", "unhandled-event", f"{label}: no rule for event {ev}", (ev.kind,)))
+                break
+            try:
+                handler(ev)
+            except ModelError as e:
+                # later events of this op are consequences of the refused one: report the first
+                new.append(Violation("model", "refinement", f"{label}: {ev} not allowed: {e}", _ids(ev)))
+                break
+            self._prev = ev
+        self._retire()
+        return new
+
+    def _retire(self) -> None:
+        """Forget ended requests beyond ``max_finished_requests``: an ended request is kept
+        while fewer than ``limit`` requests ended after it (``end_no`` counts endings)."""
         limit = self.cfg.max_finished_requests
-        if limit <= 0:
-            return
-        self.s.ended.extend(e.rid for e in events if isinstance(e, (E.Finished, E.Aborted)))
-        while len(self.s.ended) > limit:
-            self.s.reqs.pop(self.s.ended.popleft(), None)
+        if limit > 0:
+            gone = [rid for rid, r in self.s.reqs.items() if 0 < r.end_no <= self.s.ends - limit]
+            for rid in gone:
+                del self.s.reqs[rid]
 
     def _req(self, rid: str, *states: str) -> Req:
         r = self.s.reqs.get(rid)
@@ -134,20 +203,24 @@ class ReferenceModel:
         return uid in self.resident() and uid not in self.s.loading
 
     def _running(self) -> set[Any]:
-        return {r.adapter for r in self.s.reqs.values() if r.state in ("prefilling", "decoding")}
+        return {r.adapter for r in self.s.reqs.values() if r.running}
+
+    def _census(self, uid: Any) -> set[str]:
+        """The states of ``uid``'s live requests."""
+        return {r.state for r in self.s.reqs.values() if r.adapter == uid and r.live}
 
     def _waits(self, uid: Any) -> bool:
-        return any(r.adapter == uid and r.state == "waiting" for r in self.s.reqs.values())
+        return "waiting" in self._census(uid)
 
     def _hungry(self, uid: Any) -> bool:
-        """Starving candidate: something of it waits, and it neither runs nor loads."""
-        return self._waits(uid) and uid not in self._running() and uid not in self.s.loading
+        """Starving: its live requests all wait (at least one does) and it has no load in flight."""
+        return self._census(uid) == {"waiting"} and uid not in self.s.loading
 
     def _check_slots(self, adapters: set[Any], what: str) -> None:
-        """Active adapters plus pending reservations never exceed the slots (L11)."""
-        need = adapters | self._running() | self.s.loading | self.s.reserved
+        """A batch's adapters plus the running and loading ones fit in the slots (L2)."""
+        need = adapters | self.active_adapters()
         if len(need) > self.cfg.max_loras_per_batch:
-            raise ModelError(f"{what} needs {len(need)} slots (reserved {sorted(self.s.reserved, key=repr)})")
+            raise ModelError(f"{what} needs {len(need)} slots")
 
     def _on_Queued(self, ev: E.Queued) -> None:
         if ev.rid in self.s.used:
@@ -163,7 +236,9 @@ class ReferenceModel:
             hist = sess.fill
         if ev.adapter is not None and ev.adapter not in self.s.registered:
             raise ModelError(f"adapter {ev.adapter} is not registered")
+        seq = len(self.s.used)
         self.s.reqs[ev.rid] = Req(ev.adapter, ev.session_id, hist + ev.prompt_len, ev.max_new_tokens)
+        self.s.reqs[ev.rid].prompt_len, self.s.reqs[ev.rid].seq = ev.prompt_len, seq
         self.s.used.add(ev.rid)
 
     def _on_PrefixHit(self, ev: E.PrefixHit) -> None:
@@ -196,7 +271,11 @@ class ReferenceModel:
             if not self._ready(uid):
                 raise ModelError(f"{rid} scheduled on adapter {uid!r} that is not loaded and waited on")
         self._check_slots(set(ev.adapters), "the batch")
+        self.policy.on_batch(ev)
         self._batch = set(ev.rids)
+        self.s.tick += 1
+        for uid in set(ev.adapters):
+            self.s.used_at[uid] = self.s.tick
         if ev.mode == "decode":
             for rid in ev.rids:
                 self.s.reqs[rid].kv += 1
@@ -205,6 +284,7 @@ class ReferenceModel:
         r = self._req(ev.rid, "waiting", "prefilling")
         if ev.rid not in self._batch or ev.chunk_tokens < 1 or ev.chunk_tokens > self.cfg.chunked_prefill_size:
             raise ModelError(f"chunk of {ev.chunk_tokens} outside a batch or over chunked_prefill_size")
+        self.policy.on_scheduled(ev, r)
         if r.state == "waiting":
             r.admit_out = r.out
             if r.session is not None:
@@ -229,6 +309,9 @@ class ReferenceModel:
         if sess is not None and sess.active == rid:
             sess.active = None
         r.state, r.kv, r.cached = state, 0, 0
+        if state != "waiting":
+            self.s.ends += 1
+            r.end_no = self.s.ends
 
     def _on_Retracted(self, ev: E.Retracted) -> None:
         r = self._req(ev.rid, "prefilling", "decoding")
@@ -244,6 +327,7 @@ class ReferenceModel:
             r.drain_retracts += 1
         elif ev.reason != "kv":
             raise ModelError(f"unknown retraction reason {ev.reason!r}")
+        self.policy.on_retracted(ev, r)
         self._end(ev.rid, "waiting")
 
     def _on_Finished(self, ev: E.Finished) -> None:
@@ -252,6 +336,7 @@ class ReferenceModel:
             raise ModelError(f"finished by length with {r.out} of {r.max_new} tokens")
         if ev.reason not in ("length", "abort"):
             raise ModelError(f"unknown finish reason {ev.reason!r}")
+        self.policy.on_finished(ev, r)
         self._end(ev.rid, "finished")
 
     def _on_SessionSaved(self, ev: E.SessionSaved) -> None:
@@ -306,8 +391,11 @@ class ReferenceModel:
             raise ModelError(f"load into slot {ev.slot} that is occupied or out of range")
         if ev.adapter in self.resident() or (ev.adapter is not None and ev.adapter not in self.s.registered):
             raise ModelError(f"load of {ev.adapter!r}: already resident or not registered")
+        self.policy.on_load_started(ev, self._prev)
         self.s.slots[ev.slot] = ev.adapter
         self.s.loading.add(ev.adapter)
+        self.s.tick += 1
+        self.s.used_at[ev.adapter] = self.s.loaded_at[ev.adapter] = self.s.tick
 
     def _on_LoadCompleted(self, ev: E.LoadCompleted) -> None:
         if self.s.slots.get(ev.slot, object()) != ev.adapter or ev.adapter not in self.s.loading:
@@ -318,7 +406,13 @@ class ReferenceModel:
         if self.s.slots.get(ev.slot, object()) != ev.adapter or ev.adapter not in self.s.loading:
             raise ModelError(f"{ev.adapter!r} was not loading into slot {ev.slot}")
         self.s.loading.discard(ev.adapter)
-        del self.s.slots[ev.slot]
+        self._unmap(ev.slot)
+
+    def _unmap(self, slot: int) -> None:
+        uid = self.s.slots.pop(slot)
+        self.s.used_at.pop(uid, None)
+        self.s.loaded_at.pop(uid, None)
+        self.s.pinned.discard(uid)
 
     def _on_Evicted(self, ev: E.Evicted) -> None:
         if self.s.slots.get(ev.slot, object()) != ev.adapter:
@@ -329,7 +423,8 @@ class ReferenceModel:
         users = [rid for rid in users if self.s.reqs[rid].state in LIVE]
         if users or ev.adapter in self.s.loading:
             raise ModelError(f"evicted {ev.adapter!r} while running requests {users} use it or it loads")
-        del self.s.slots[ev.slot]
+        self.policy.on_evicted(ev)
+        self._unmap(ev.slot)
 
     def _on_DrainMarked(self, ev: E.DrainMarked) -> None:
         if ev.adapter not in self._running() or ev.adapter in self.s.marks or ev.for_adapter in self.s.marks.values():
@@ -360,6 +455,22 @@ class ReferenceModel:
             raise ModelError(f"reservation of {ev.adapter!r} ended as gone while its requests wait")
         self.s.reserved.discard(ev.adapter)
 
+    # -- op outcomes, transfers, clock -------------------------------------------------------------
+    def _on_Rejected(self, ev: E.Rejected) -> None:
+        """A refusal changes nothing; whether the op deserved it is an obligation (`judge`)."""
+
+    def _on_TransfersCompleted(self, ev: E.TransfersCompleted) -> None:
+        if ev.completed < 0 or ev.failed < 0:
+            raise ModelError(f"negative transfer counts {ev.completed}, {ev.failed}")
+
+    def _on_ClockAdvanced(self, ev: E.ClockAdvanced) -> None:
+        if not ev.now >= self.s.now:
+            raise ModelError(f"the clock went from {self.s.now} back to {ev.now}")
+        self.s.now = ev.now
+
+    def _on_Idle(self, ev: E.Idle) -> None:
+        """Nothing happened; a Step that did something must not say so (`judge`)."""
+
     # -- sessions ---------------------------------------------------------------------------------
     def _on_SessionOpened(self, ev: E.SessionOpened) -> None:
         if ev.session_id in self.s.sessions:
@@ -382,3 +493,6 @@ def _ids(ev: E.Event) -> tuple[Any, ...]:
         if hasattr(ev, name):
             return (getattr(ev, name),)
     return ()
+
+
+__all__ = ["POLICY_CHECKS", "ModelError", "ModelState", "ReferenceModel", "Req", "Session"]

@@ -1,7 +1,9 @@
 """The reference model (`lorainv.model.reference`).
 
 1. It refuses illegal event sequences: one hand-written bad sequence per rule, each asserting
-   that ``observe`` returns exactly one violation naming the refused event.
+   that ``observe_events`` (refinement alone: no op obligations, no policy; those have
+   their own tests in test_obligations.py and test_policy.py) returns exactly one violation
+   naming the refused event.
 2. It accepts everything the real engine emits, across networks, page sizes, chunk sizes,
    overlap on/off, sessions, aborts, drains and retraction pressure, with every checker and
    ``RefinementChecker(model)`` clean after every op.
@@ -22,7 +24,7 @@ from checker_states import Driver, busy, dummy_config, evicting, random_ops
 from lorainv import events as E
 from lorainv.config import RuntimeConfig
 from lorainv.model.reference import ReferenceModel
-from lorainv.ops import AddRequest, OpenSession, Step
+from lorainv.ops import AddRequest, OpenSession
 
 # P = 2 slots, pages of 2 tokens, chunks of at most 8 tokens, ranks up to 16
 CFG = RuntimeConfig(network="dummy", page_size=2, max_loras_per_batch=2, chunked_prefill_size=8, max_total_tokens=64)
@@ -320,12 +322,15 @@ REFUSED: dict[str, Case] = {
         [E.ReservationEnded("c", "gone")],
         "while its requests wait",
     ),
-    "a batch takes the reserved slot": (
-        RESERVED,
-        [E.Queued("rx", "a", 2, 4), E.BatchFormed("prefill", ("rx",), ("a",), 1)],
-        "needs 3 slots",
-    ),
+    # transfers and clock
+    "negative transfer count": ([], [E.TransfersCompleted(-1)], "negative transfer counts"),
+    "clock going back": ([E.ClockAdvanced(2.0)], [E.ClockAdvanced(1.0)], "the clock went from 2.0 back to 1.0"),
 }
+# a batch taking a slot reserved for a starving adapter is lorainv's drain policy, not safety:
+# see test_policy.py ("max-loras-per-batch")
+
+# event kinds whose handler never refuses (the op obligations judge them instead)
+NEVER_REFUSED = {"Rejected", "Idle"}
 
 
 def _ids(ev: E.Event) -> tuple[Any, ...]:
@@ -339,8 +344,8 @@ def _ids(ev: E.Event) -> tuple[Any, ...]:
 def test_model_refuses(case: str) -> None:
     setup, tail, why = REFUSED[case]
     m = ReferenceModel(CFG)
-    assert m.observe(Step(), setup) == [], "the setup must be a legal sequence"
-    out = m.observe(Step(), tail)
+    assert m.observe_events(setup) == [], "the setup must be a legal sequence"
+    out = m.observe_events(tail, "Step")
     assert len(out) == 1, [str(v) for v in out]
     v = out[0]
     bad = tail[-1]
@@ -355,30 +360,45 @@ def test_every_event_kind_with_a_rule_has_a_refusal_case() -> None:
     """A new ``_on_<Event>`` rule must come with a hand-written bad sequence above."""
     ruled = {name[4:] for name in dir(ReferenceModel) if name.startswith("_on_")}
     refused = {tail[-1].kind for _, tail, _ in REFUSED.values()}
-    assert ruled - refused == set()
+    assert ruled - refused == NEVER_REFUSED
+
+
+def test_every_event_kind_has_a_rule() -> None:
+    """An event the model has no rule for is a violation, so every kind needs a handler."""
+    ruled = {name[4:] for name in dir(ReferenceModel) if name.startswith("_on_")}
+    assert set(E.EVENTS) - ruled == set()
+
+
+def test_an_event_without_a_rule_is_a_violation() -> None:
+    class Blind(ReferenceModel):
+        _on_Idle = None  # type: ignore[assignment]
+
+    m = Blind(CFG)
+    out = m.observe_events([E.Idle()], "Step")
+    assert [(v.pool, v.invariant, v.offenders) for v in out] == [("model", "unhandled-event", ("Idle",))]
 
 
 def test_model_survives_a_turn_of_a_closed_session() -> None:
     """A bad trace (the session closed under a waiting turn) yields violations, not a crash."""
     m = ReferenceModel(CFG)
-    out = m.observe(
-        Step(),
+    out = m.observe_events(
         [*reg("a"), *load("a", 0), E.SessionOpened("s"), E.Queued("t1", "a", 3, 2, "s"), E.SessionClosed("s", 0)],
+        "Step",
     )
     assert [v.message for v in out] == [
         "Step: SessionClosed(session_id=s, freed_tokens=0) not allowed: session s has a live turn t1"
     ]
-    out = m.observe(Step(), prefill("t1", "a", 3))
+    out = m.observe_events(prefill("t1", "a", 3))
     assert out and all(v.offenders == ("t1",) for v in out)
     assert "session s is not open" in out[0].message
 
 
 def test_model_predictions_follow_the_events() -> None:
     m = ReferenceModel(CFG)
-    assert m.observe(Step(), [*CACHED, E.PrefixHit("r1", 8, "cache"), *prefill("r1", "a", 4)]) == []
+    assert m.observe_events([*CACHED, E.PrefixHit("r1", 8, "cache"), *prefill("r1", "a", 4)]) == []
     assert m.s.cache_tokens == 8 and m.held("r1") == 12 - 8  # pages(kv 12) minus the 8 borrowed
     assert m.expected_available() == 64 - 8 - 4
-    assert m.observe(Step(), [E.Retracted("r1", 1)]) == []
+    assert m.observe_events([E.Retracted("r1", 1)]) == []
     assert m.held("r1") == 0 and m.expected_available() == 64 - 8
     assert m.resident() == {"a": 0} and m.live() == {"r1"}
 
@@ -508,9 +528,10 @@ def test_model_imports_no_torch() -> None:
         "from lorainv.config import RuntimeConfig\n"
         "from lorainv.model.reference import ReferenceModel\n"
         "from lorainv import events as E\n"
-        "from lorainv.ops import Step\n"
-        "m = ReferenceModel(RuntimeConfig())\n"
-        "assert m.observe(Step(), [E.AdapterRegistered('a', 4), E.Queued('r0', 'a', 3, 2)]) == []\n"
+        "from lorainv.ops import AddRequest, LoadAdapter\n"
+        "m = ReferenceModel(RuntimeConfig(), vocab_size=16, max_context_len=64)\n"
+        "assert m.observe(LoadAdapter('a', 'gen:4:1'), [E.AdapterRegistered('a', 4)]) == []\n"
+        "assert m.observe(AddRequest('r0', (1, 2, 3), 'a', 2), [E.Queued('r0', 'a', 3, 2)]) == []\n"
         "print(sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
