@@ -63,6 +63,18 @@ class LoadSnap:
 
 
 @dataclass(frozen=True)
+class SlotContentSnap:
+    """A readable slot (resident, load reaped) on one TP rank: digests of what it holds and of
+    what its adapter's registered tensors say it must hold (see `lorainv.checkers.slot_oracle`)."""
+
+    tp_rank: int
+    slot: int
+    uid: str | None
+    held: tuple[tuple[str, str], ...]  # (region, digest) read from the slot
+    want: tuple[tuple[str, str], ...]  # (region, digest) computed from the registered tensors
+
+
+@dataclass(frozen=True)
 class LoraSnap:
     num_slots: int
     slot_to_uid: tuple[Any, ...]  # EMPTY is rendered as the string "<EMPTY>"
@@ -75,7 +87,7 @@ class LoraSnap:
     last_batch: tuple[Any, ...]  # adapters of the last forward batch
     last_batch_slots: tuple[int, ...]  # slot each of them read
     evictions: tuple[tuple[Any, int, frozenset[Any]], ...]  # (victim, slot, protected set) in the last step
-    hygiene: tuple[tuple[Any, str], ...]  # (uid, problem) for resident slots whose contents are wrong (L6)
+    contents: tuple[SlotContentSnap, ...] = ()  # every readable slot of every TP rank (L6)
 
 
 @dataclass(frozen=True)

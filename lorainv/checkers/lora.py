@@ -65,9 +65,22 @@ class LoraChecker:
             if victim in protected or victim in lo.pinned:
                 why = "in the current batch" if victim in protected else "pinned"
                 out.append(Violation("lora", "L5", f"evicted {victim!r} from slot {slot} while {why}", (victim,)))
-        # L6: slot contents are exactly the tenant's
-        for uid, msg in lo.hygiene:
-            out.append(Violation("lora", "L6", f"slot of {uid!r}: {msg}", (uid,)))
+        # L6: every readable slot holds exactly what its adapter's registered tensors call for
+        for c in lo.contents:
+            want = dict(c.want)
+            bad = [region for region, digest in c.held if want.get(region) != digest]
+            bad += [region for region in want if region not in dict(c.held)]
+            if bad:
+                where = f"slot {c.slot}" + (f" on tp rank {c.tp_rank}" if c.tp_rank else "")
+                out.append(
+                    Violation(
+                        "lora",
+                        "L6",
+                        f"{where} of {c.uid!r} differs from its registered weights in {len(bad)} region(s): "
+                        + ", ".join(bad[:6]),
+                        (c.uid, c.slot),
+                    )
+                )
         ranks = dict(lo.registered)
         for uid, slot in u2s.items():
             want = 0 if uid is None else ranks.get(uid)

@@ -238,6 +238,8 @@ class Engine:
         }
 
     def is_idle(self) -> bool:
+        """No request waits, runs or is staged and no load is in flight. Pure (no reaping):
+        every op reaps completed loads before it returns."""
         s = self.scheduler
         return not (s.waiting or s.running or s.staged) and not (self.loader and self.loader.in_flight())
 
@@ -631,12 +633,13 @@ class Engine:
 
     # -- checking ---------------------------------------------------------------------------
     def snapshot(self) -> Any:
+        """A tensor-free `Snapshot` of every pool. A pure read: taking it changes nothing."""
         from lorainv.impl.snapshotter import take_snapshot
 
         return take_snapshot(self)
 
     def check(self) -> list[Violation]:
-        """Run every checker on a fresh snapshot."""
+        """Run every checker on a fresh snapshot (pure)."""
         from lorainv.checkers import run_checks
 
         return run_checks(self.snapshot())

@@ -92,6 +92,11 @@ class LoraPool:
     # ---- pure queries -------------------------------------------------------------------
 
     @property
+    def rank_pools(self) -> tuple[LoraPool, ...]:
+        """The pool of each simulated TP rank (just this one without tensor parallelism)."""
+        return (self,)
+
+    @property
     def host_cache(self) -> PinnedHostCache:
         """The pinned host cache this pool loads through (shared by the ranks of one host)."""
         return self.pipeline.cache

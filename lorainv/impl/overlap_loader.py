@@ -7,13 +7,16 @@ current stream has waited on it, and a ``LoadCompleted`` (or, if a copy failed,
 Invariants (L8):
 
 * tracked uids ⊆ mapped uids (``pool.uid_to_slot``);
-* every completed load is reaped at the next `reap` / `status` / `in_flight` / `start_load`,
-  whether or not any request of that adapter is ever scheduled;
+* every completed load is reaped at the next `reap` / `reap_completed` / `start_load`,
+  whether or not any request of that adapter is ever scheduled (the engine reaps once per op,
+  so no completed load outlives the op that completed it);
 * ``LOADED`` ⇔ mapped ∧ not tracked: "loaded" is derived from the pool mapping, never from
   the event dict alone.
 
-Events reaped implicitly (by `status`, `in_flight`, `start_load`, `mark_scheduled`) are
-queued and returned by the next `reap`, so none is lost: call `reap` once per engine op.
+Mutating calls: `reap`, `reap_completed`, `start_load`, `mark_scheduled`. Pure reads (a
+snapshot may call them): `status`, `is_ready`, `in_flight`, `tracked`. Events of loads reaped
+by `reap_completed` or `start_load` are queued and returned by the next `reap`, so none is
+lost: call `reap` once per engine op.
 
 Faults: ``stale_overlap_event`` (entries leave only through `mark_scheduled`, readiness is
 read from the event dict), ``use_before_transfer`` (`is_ready` as soon as mapped).
@@ -72,26 +75,27 @@ class OverlapLoader:
         out, self._outbox = self._outbox, []
         return out
 
-    def status(self, uid: Uid) -> LoadStatus:
-        """Reaps first. LOADING while tracked; else LOADED iff ``uid`` is mapped in the pool."""
-        if self._stale:
-            entry = self._pending.get(uid)
-            if entry is not None:  # the historic bug: the event dict is the source of truth
-                return LoadStatus.LOADED if entry.event.query() else LoadStatus.LOADING
+    def reap_completed(self) -> None:
+        """Reap every completed load now; its events wait in the queue for the next `reap` (mutates)."""
         self._reap_done()
-        if uid in self._pending:
+
+    def status(self, uid: Uid) -> LoadStatus:
+        """LOADING while tracked; else LOADED iff ``uid`` is mapped in the pool (pure: no reaping)."""
+        entry = self._pending.get(uid)
+        if entry is not None:
+            if self._stale:  # the historic bug: the event dict is the source of truth
+                return LoadStatus.LOADED if entry.event.query() else LoadStatus.LOADING
             return LoadStatus.LOADING
         return LoadStatus.LOADED if uid in self.pool.uid_to_slot else LoadStatus.NOT_LOADED
 
     def is_ready(self, uid: Uid) -> bool:
-        """May a batch read ``uid``'s slot now? (status LOADED: mapped, copied and waited on)."""
+        """May a batch read ``uid``'s slot now? (status LOADED: mapped, copied and waited on; pure)."""
         if faults.on(self.cfg, "use_before_transfer"):
             return uid in self.pool.uid_to_slot
         return self.status(uid) is LoadStatus.LOADED
 
     def in_flight(self) -> set[Uid]:
-        """Uids with a tracked load, after reaping: these slots are busy and not evictable."""
-        self._reap_done()
+        """Uids with a tracked load: these slots are busy and not evictable (pure: no reaping)."""
         return set(self._pending)
 
     def tracked(self) -> tuple[TrackedLoad, ...]:

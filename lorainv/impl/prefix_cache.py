@@ -135,7 +135,12 @@ class PrefixCache:
         return node, pos, values
 
     def match_prefix(self, namespace: Hashable, tokens: Sequence[int]) -> Match:
-        """Longest cached page-aligned prefix of ``tokens`` in ``namespace`` (no lock taken)."""
+        """Longest cached page-aligned prefix of ``tokens`` in ``namespace``.
+
+        Takes no lock, but mutates the tree: it splits the node where the match ends inside an
+        edge (same tokens and indices, one more node), creates the namespace's root on first
+        use, and refreshes the LRU access tick of every node on the matched path.
+        """
         if not self.enabled:
             return Match(_EMPTY, self._root(namespace))
         usable = self._align(len(tokens))

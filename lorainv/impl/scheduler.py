@@ -102,7 +102,7 @@ class Scheduler:
                 self.load_failures.pop(e.adapter, None)
 
     def active_adapters(self) -> set[str | None]:
-        """Adapters that must stay resident: running ∪ staged ∪ loads in flight (L2)."""
+        """Adapters that must stay resident: running ∪ staged ∪ loads in flight (L2). Pure."""
         active = {r.adapter for r in self.running}
         if self.staged is not None:
             active.add(self.staged.adapter)
@@ -111,12 +111,15 @@ class Scheduler:
         return active
 
     def adapter_ready(self, uid: str | None) -> bool:
+        """May a batch read ``uid``'s slot now (resident and its load waited on)? Pure: loads
+        are reaped by `reap_loads`, which every op runs first."""
         if self.loader is not None:
             return self.loader.is_ready(uid)
         return uid in self.pool.uid_to_slot
 
     def _admit_adapter(self, uid: str | None, batch_adapters: set[str | None], ev: list[Event]) -> bool:
-        """True when ``uid`` may join this round's batch; may start (or do) its load."""
+        """True when ``uid`` may join this round's batch. Mutates: reaps completed loads, may
+        start ``uid``'s load (evicting a victim) or, without overlap loading, load it now."""
         self.reap_loads(ev)
         if faults.on(self.cfg, "admission_ignores_staged_chunk"):
             # the historic check: running requests only, not this round's batch, the staged
@@ -266,7 +269,15 @@ class Scheduler:
         return -(-need // ps) * ps <= self.allocator.size
 
     def schedule_prefill(self, ev: list[Event]) -> list[tuple[Request, int]]:
-        """Plan a prefill round: the staged chunk first, then FCFS waiting requests."""
+        """Choose and prepare this round's prefill batch: the staged chunk first, then FCFS
+        waiting requests. Returns ``(request, chunk tokens)`` pairs for the forward.
+
+        Not a dry run; it mutates the pools and queues to make the batch runnable: it
+        allocates KV and ``req_to_token`` rows (evicting prefix-cache leaves), locks prefix
+        nodes, restores session KV, starts or does adapter loads (evicting slots), updates
+        drain marks and retracts drain victims, aborts requests that can never fit, moves
+        admitted requests out of ``waiting`` and may stage a chunked one; events go to ``ev``.
+        """
         budget = self.cfg.chunked_prefill_size
         self.round_loads = set()
         batch: list[tuple[Request, int]] = []
@@ -327,7 +338,8 @@ class Scheduler:
         return self.running + ([self.staged] if self.staged is not None else [])
 
     def drain_update(self, full: bool) -> list[Event]:
-        """One drainer update from the queues; ``full``: may it mark new drains (slots full)?"""
+        """One drainer update from the queues; ``full``: may it mark new drains (slots full)?
+        Mutates the drainer's marks and reservations; returns their events."""
         loading = self.loader.in_flight() if self.loader is not None else set()
         infos = self._infos(self.waiting), self._infos(self._running_all())
         return self.drainer.update(*infos, full and self._full(), loading)
@@ -358,7 +370,8 @@ class Scheduler:
 
     # -- decode -----------------------------------------------------------------------------
     def schedule_decode(self, ev: list[Event]) -> list[Request]:
-        """Give every decoding request room for one more token, retracting under pressure."""
+        """Give every decoding request room for one more token; returns the decoders.
+        Mutates: allocates KV, evicts prefix-cache leaves, retracts or aborts under pressure."""
         decoders = list(self.running)
         ps = self.allocator.page_size
         while decoders:

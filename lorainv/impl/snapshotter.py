@@ -1,4 +1,12 @@
-"""Builds the tensor-free `Snapshot` of an engine (the only thing checkers read)."""
+"""Builds the tensor-free `Snapshot` of an engine (the only thing checkers read).
+
+A pure read: it calls only documented, non-mutating accessors (``OverlapLoader.tracked``,
+``is_ready``, ``Engine.is_idle``, ``LoraPool.rank_pools``/``host_cache``, the allocators'
+size and free-list views, ``PrefixCache.iter_nodes``), never reaps a load, never writes into
+the engine, and reads no private state. Taking a snapshot or not leaves the event stream
+unchanged (``tests/stateful/test_snapshot_purity.py``). The only cache is the slot oracle's
+memo of expected digests, keyed by the adapter object and its tensors' versions.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lorainv.checkers.slot_oracle import expected_digests, slot_digests
 from lorainv.impl.lora_pool import EMPTY
 from lorainv.snapshot import (
     EMPTY_NAME,
@@ -17,6 +26,7 @@ from lorainv.snapshot import (
     PrefixNodeSnap,
     ReqSnap,
     SessionSnap,
+    SlotContentSnap,
     Snapshot,
 )
 
@@ -30,7 +40,6 @@ def _lora(engine: Any) -> LoraSnap:
     tracked = loader.tracked() if loader is not None else ()
     mapped = set(pool.uid_to_slot)
     ready = frozenset(u for u in mapped if (loader.is_ready(u) if loader is not None else True))
-    hygiene = tuple(_hygiene(engine))
     return LoraSnap(
         num_slots=pool.num_slots,
         slot_to_uid=tuple(_uid(u) for u in pool.slot_to_uid),
@@ -43,38 +52,43 @@ def _lora(engine: Any) -> LoraSnap:
         last_batch=engine.last_batch,
         last_batch_slots=engine.last_batch_slots,
         evictions=tuple(engine.scheduler.evictions),
-        hygiene=hygiene,
+        contents=_contents(engine, {t.uid for t in tracked}),
     )
 
 
-def _hygiene(engine: Any) -> list[tuple[Any, str]]:
-    """Slot contents vs. the tenant's weights, re-checked only when a slot changed tenant."""
-    pool = engine.pool
-    seen = engine.__dict__.setdefault("_hygiene_seen", {})
-    out: list[tuple[Any, str]] = []
-    loading = {t.uid for t in engine.loader.tracked()} if engine.loader is not None else set()
-    for uid, slot in pool.uid_to_slot.items():
-        if uid in loading:
-            continue
-        # (slot, uid, load tick) names one load exactly; object ids could be reused after GC
-        key = (slot, uid, pool._loaded_at.get(uid))
-        if key not in seen:
-            if len(seen) > 4 * pool.num_slots:
-                seen.clear()
-            seen[key] = tuple(pool.hygiene_violations(uid))
-        out.extend((uid, msg) for msg in seen[key])
-    return out
+def _contents(engine: Any, loading: set[Any]) -> tuple[SlotContentSnap, ...]:
+    """Digests of every readable slot (resident, its load reaped) on every TP rank, next to
+    the digests its registered adapter calls for. Never cached: a later corruption shows."""
+    out = []
+    cfg = engine.cfg
+    for tp_rank, pool in enumerate(engine.pool.rank_pools):
+        judged = []
+        for uid, slot in sorted(pool.uid_to_slot.items(), key=lambda kv: kv[1]):
+            if uid in loading:
+                continue  # copies in flight: the slot reads as poison until reaped
+            if uid is not None and uid not in engine.registry:
+                continue  # resident but unregistered: the lora/pinned checkers report it
+            judged.append((uid, slot))
+        held = slot_digests(pool.buffers, [slot for _, slot in judged])
+        for uid, slot in judged:
+            adapter = None if uid is None else engine.registry[uid]
+            want = expected_digests(
+                adapter, engine.dims, tp_rank=tp_rank, tp_size=cfg.tp_size, max_rank=pool.max_rank, dtype=pool.dtype
+            )
+            out.append(SlotContentSnap(tp_rank, slot, uid, held[slot], want))
+    return tuple(out)
 
 
 def _pinned(engine: Any) -> PinnedSnap:
     """The pinned host cache as plain values; ``current`` compares tensor identity only."""
     cache = engine.pool.host_cache
+    view = cache.view()
     sources: dict[str, set[int]] = {}
-    for name, a in engine.registry.items():
-        sources[name] = {id(t) for layer in a.weights for ab in layer.values() for t in ab}
+    for name in {adapter for _, adapter, _, _ in view}:
+        a = engine.registry.get(name)
+        sources[name] = set() if a is None else {id(t) for layer in a.weights for ab in layer.values() for t in ab}
     entries = tuple(
-        PinnedEntrySnap(key, adapter, nbytes, id(src) in sources.get(adapter, ()))
-        for key, adapter, nbytes, src in cache.view()
+        PinnedEntrySnap(key, adapter, nbytes, id(src) in sources[adapter]) for key, adapter, nbytes, src in view
     )
     need = tuple(sorted((n, a.nbytes()) for n, a in engine.registry.items()))
     return PinnedSnap(entries, cache.nbytes(), need, engine.cfg.tp_size)
@@ -86,6 +100,7 @@ def take_snapshot(engine: Any) -> Snapshot:
     reqs = []
     r2t = engine.rows.req_to_token
     for r in engine.requests.values():
+        fill = r.fill
         entries = r2t[r.row, : r.alloc_len].cpu().numpy().copy() if r.row is not None else np.zeros(0, np.int64)
         reqs.append(
             ReqSnap(
@@ -101,9 +116,10 @@ def take_snapshot(engine: Any) -> Snapshot:
                 own_row=r.own_row,
                 output_len=len(r.output),
                 max_new_tokens=r.max_new_tokens,
-                fill_len=len(r.fill),
+                fill_len=len(fill),
                 row_entries=entries,
                 cache_node=None if r.cache_node is None or r.cache_node.parent is None else r.cache_node.id,
+                fill=tuple(fill),
             )
         )
     nodes = tuple(
@@ -113,6 +129,7 @@ def take_snapshot(engine: Any) -> Snapshot:
             None if n.parent is None or n.parent.parent is None else n.parent.id,
             n.value.copy(),
             n.lock_ref,
+            tuple(n.key),
         )
         for n in engine.cache.iter_nodes()
     )

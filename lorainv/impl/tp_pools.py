@@ -35,6 +35,10 @@ class TensorParallelPools:
         ]
         self.primary = self.pools[0]
 
+    @property
+    def rank_pools(self) -> tuple[LoraPool, ...]:
+        return tuple(self.pools)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.primary, name)
 

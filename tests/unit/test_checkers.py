@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from checker_states import (
+    PRE,
     Driver,
     brief,
     busy,
@@ -275,9 +276,26 @@ def test_p1_sizes_match_the_tree(s: Snapshot) -> None:
 
 def test_p2_nodes_are_page_aligned(s: Snapshot) -> None:
     node = s.prefix_nodes[1]
-    bad = with_node(s, node.id, indices=node.indices[:-1])
+    bad = with_node(s, node.id, indices=node.indices[:-1], key=node.key[:-1])
     out = PrefixChecker().check(dataclasses.replace(bad, evictable=s.evictable - 1))
     assert brief(out) == [("prefix", "P2", (node.id,))]
+    # a key that no longer covers the node's indices
+    out = PrefixChecker().check(with_node(s, node.id, key=node.key[:-1]))
+    assert brief(out) == [("prefix", "P2", (node.id,))]
+
+
+def test_p4_borrowed_kv_is_for_the_requests_own_tokens(s: Snapshot) -> None:
+    """r1 borrows the 12-token prefix PRE cached by r0 (same adapter); its node keys are PRE."""
+    locked = s.prefix_nodes[0]
+    r1 = next(r for r in s.requests if r.rid == "r1")
+    assert r1.cache_node == locked.id and r1.cache_len == 12 and locked.key == PRE
+    assert PrefixChecker().check(s) == []
+    other = (PRE[0] + 1, *PRE[1:])  # the cached KV was computed for another first token
+    out = PrefixChecker().check(with_node(s, locked.id, key=other))
+    assert brief(out) == [("prefix", "P4", ("r1",))]
+    out = PrefixChecker().check(with_node(s, locked.id, namespace="b"))
+    assert brief(out) == [("prefix", "P4", ("r1",))]
+    assert out[0].message == "request r1 on 'a' borrows KV cached under 'b'"
 
 
 def test_p3_lock_refs_match_borrowers(s: Snapshot) -> None:

@@ -228,9 +228,14 @@ def test_l5_live_eviction_of_a_pinned_adapter() -> None:
 
 
 def test_l6_slot_contents_and_rank(s: Snapshot) -> None:
-    out = LoraChecker().check(with_lora(s, hygiene=(("a", "slot 1: layer 0 qkv.A differs from 'a'"),)))
-    assert brief(out) == [("lora", "L6", ("a",))]
-    assert out[0].message == "slot of 'a': slot 1: layer 0 qkv.A differs from 'a'"
+    # the busy state's readable slots: p, a, b (c is still loading, so it is not judged)
+    assert {c.uid for c in s.lora.contents} == {"p", "a", "b"}
+    a = next(c for c in s.lora.contents if c.uid == "a")
+    held = tuple((r, "0" * 32 if r == "layer 0 qkv.A" else d) for r, d in a.held)
+    bad = tuple(dataclasses.replace(c, held=held) if c.uid == "a" else c for c in s.lora.contents)
+    out = LoraChecker().check(with_lora(s, contents=bad))
+    assert brief(out) == [("lora", "L6", ("a", 1))]
+    assert out[0].message == "slot 1 of 'a' differs from its registered weights in 1 region(s): layer 0 qkv.A"
     out = LoraChecker().check(with_lora(s, ranks=(2, 8, 8, 2)))
     assert brief(out) == [("lora", "L6", (1,))]
     assert out[0].message == "slot 1 rank 8 != 'a' rank 4"
@@ -253,8 +258,10 @@ def test_l6_live_stale_slot_tail() -> None:
         max_loras_per_batch=1,
     )
     out = LoraChecker().check(d.snap())
-    assert out and all(v.invariant == "L6" and v.offenders == ("c",) for v in out)
-    assert "slot of 'c': slot 0: layer 0 qkv.A differs from 'c'" in [v.message for v in out]
+    assert out and all(v.invariant == "L6" and v.offenders == ("c", 0) for v in out)
+    assert out[0].message.startswith("slot 0 of 'c' differs from its registered weights in")
+    # a's rank-8 tail past c's rank 2 is left in A and B of all 4 groups of the one layer
+    assert "in 8 region(s)" in out[0].message
     # the same ops without the fault leave a clean slot
     clean = Driver(dummy_config(max_loras_per_batch=1))
     clean.run([op for op, _ in d.log])

@@ -38,8 +38,12 @@ def test_status_transitions():
     assert loader.status("x") is LoadStatus.LOADING and loader.reap() == []
     dev.complete(1)
     assert loader.tracked() == (TrackedLoad("x", 0, True, False),)
+    # status and is_ready are pure reads: done is not ready until the load is reaped (and waited on)
+    assert loader.status("x") is LoadStatus.LOADING and not loader.is_ready("x")
+    assert loader.tracked() == (TrackedLoad("x", 0, True, False),) and not dev.current_stream().waited
+    loader.reap_completed()
     assert loader.status("x") is LoadStatus.LOADED and loader.is_ready("x")
-    assert loader.reap() == [LoadCompleted(adapter="x", slot=0)]  # reaped by status, delivered once
+    assert loader.reap() == [LoadCompleted(adapter="x", slot=0)]  # reaped above, delivered once
     assert loader.reap() == [] and loader.tracked() == ()
     assert dev.current_stream().waited  # the current stream waited on the load event
     pool.evict("x")
@@ -112,7 +116,9 @@ def test_slot_reads_poison_before_the_wait():
     assert not loader.is_ready("x")
     # the wait (inside reap) orders the current stream after the copies: the data lands
     loader.device.wait_event(loader.device.current_stream(), loader._pending["x"].event)
-    assert loader.is_ready("x") and not torch.isnan(a_slot).any()
+    assert not torch.isnan(a_slot).any() and not loader.is_ready("x")  # landed, not yet reaped
+    loader.reap_completed()
+    assert loader.is_ready("x")
     assert pool.hygiene_violations("x") == []
 
 
@@ -130,9 +136,10 @@ def test_failed_transfer_unmaps_the_slot():
     loader.start_load("x", REG["x"], protected={"a"})
     dev.fail_next(1)
     assert dev.complete_all() == (COPIES - 1, 1)
-    assert loader.in_flight() == set()
+    assert loader.in_flight() == {"x"}  # pure: still tracked until reaped
     ev = loader.reap()
     assert ev == [LoadFailed(adapter="x", slot=1, detail="host-to-device copy failed")]
+    assert loader.in_flight() == set()
     assert pool.slot_to_uid == ["a", EMPTY] and "x" not in pool.uid_to_slot
     assert loader.status("x") is LoadStatus.NOT_LOADED and pool.state()["ranks"] == [4, 0]
     assert all(torch.count_nonzero(t[1]) == 0 for lay in pool.buffers.A + pool.buffers.B for t in lay.values())
