@@ -3,6 +3,8 @@ imports triton (``TRITON_INTERPRET`` must be set before the kernels are defined)
 
 from __future__ import annotations
 
+import os
+
 from lorainv.errors import ConfigError
 from lorainv.impl.backends.base import LoraBackend
 
@@ -16,6 +18,13 @@ def get_backend(name: str) -> LoraBackend:
 
         return TorchNativeBackend()
     if name == "triton":
+        import torch
+
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                "lora_backend='triton' needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment (set before "
+                "lorainv is imported) to run its kernels on the CPU interpreter; or use lora_backend='torch_native'"
+            )
         try:
             from lorainv.impl.backends.triton_backend import TritonBackend
         except ImportError as e:  # pragma: no cover - depends on the environment
