@@ -176,12 +176,13 @@ def read_gen_source(source: str, dims: Any) -> PeftLora:
         parsed = adapters.parse_gen_source(source)
         if parsed is None:
             raise ValueError(f"{source!r} is not a gen source")
-        if isinstance(parsed, tuple) and len(parsed) == 2:
-            kwargs: dict[str, Any] = {"rank": parsed[0], "seed": parsed[1]}
-        elif isinstance(parsed, Mapping):
-            kwargs = dict(parsed)
-        else:  # a dataclass of writer keyword arguments
-            kwargs = {k: getattr(parsed, k) for k in parsed.__dataclass_fields__}
+        # a GenSource is the pair (rank, seed) with writer options as attributes; refuse any
+        # option this reader does not know rather than silently build a different adapter
+        options = dict(vars(parsed)) if hasattr(parsed, "__dict__") else {}
+        unknown = set(options) - {"alpha", "use_rslora"}
+        if unknown:
+            raise ValueError(f"{source!r}: gen option(s) {sorted(unknown)} unknown to the numeric oracle")
+        kwargs: dict[str, Any] = {"rank": int(parsed[0]), "seed": int(parsed[1]), **options}
         with tempfile.TemporaryDirectory(prefix="lorainv-oracle-") as tmp:
             adapters.write_peft_adapter(tmp, dims, **kwargs)
             _GEN_CACHE[key] = read_peft_dir(tmp)
