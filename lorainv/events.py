@@ -247,4 +247,4 @@ class Idle(Event):
     """A ``Step`` found nothing to do."""
 
 
-EVENTS: dict[str, type[Event]] = dict(Event._registry)
+EVENTS: dict[str, type[Event]] = {k: v for k, v in Event._registry.items() if issubclass(v, Event)}

@@ -109,4 +109,4 @@ class FailTransfers(Op):
     n: int = 1
 
 
-OPS: dict[str, type[Op]] = dict(Op._registry)
+OPS: dict[str, type[Op]] = {k: v for k, v in Op._registry.items() if issubclass(v, Op)}

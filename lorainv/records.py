@@ -9,17 +9,29 @@ naming the field.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, ClassVar, TypeVar, Union
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # Python 3.10: the decorator only informs type checkers, so a no-op stands in at run time
+    try:
+        from typing_extensions import dataclass_transform
+    except ImportError:  # pragma: no cover
+        dataclass_transform = lambda **_kw: lambda cls: cls  # noqa: E731
 
 from lorainv.errors import TraceError
 
 R = TypeVar("R", bound="Record")
 
 
+@dataclass_transform(frozen_default=True)
 class Record:
-    """Base of ops and events. Subclasses are frozen dataclasses registered by ``kind``."""
+    """Base of ops and events. Subclasses are frozen dataclasses registered by ``kind``
+    (`registry`); ``dataclass_transform`` tells type checkers so, which types their
+    constructors."""
 
     kind: ClassVar[str] = ""
     _registry: ClassVar[dict[str, type[Record]]]

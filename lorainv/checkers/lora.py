@@ -83,11 +83,11 @@ class LoraChecker:
                 )
         ranks = dict(lo.registered)
         for uid, slot in u2s.items():
-            want = 0 if uid is None else ranks.get(uid)
+            want_rank = 0 if uid is None else ranks.get(uid)
             if not 0 <= slot < len(lo.ranks):  # already an L1 violation
                 continue
-            if want is not None and lo.ranks[slot] != want and uid not in {ld.uid for ld in lo.loads}:
+            if want_rank is not None and lo.ranks[slot] != want_rank and uid not in {ld.uid for ld in lo.loads}:
                 out.append(
-                    Violation("lora", "L6", f"slot {slot} rank {lo.ranks[slot]} != {uid!r} rank {want}", (slot,))
+                    Violation("lora", "L6", f"slot {slot} rank {lo.ranks[slot]} != {uid!r} rank {want_rank}", (slot,))
                 )
         return out

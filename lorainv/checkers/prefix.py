@@ -48,7 +48,8 @@ class PrefixChecker:
                 path.append(node)
                 node = nodes[node].parent
             if r.cache_len:
-                held = np.concatenate([nodes[i].indices for i in reversed(path) if i in nodes]) if path else []
+                parts = [nodes[i].indices for i in reversed(path) if i in nodes]
+                held = np.concatenate(parts) if parts else np.zeros(0, np.int64)
                 if not np.array_equal(held, r.indices[: r.cache_len]):
                     out.append(
                         Violation("prefix", "P3", f"request {r.rid}'s protected prefix is not its node path", (r.rid,))

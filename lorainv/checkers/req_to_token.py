@@ -4,6 +4,7 @@ request's own token indices."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,7 +46,9 @@ class ReqToTokenChecker:
                     )
         for r in snap.live():
             if r.row is not None and not np.array_equal(r.row_entries, r.indices):
-                diff = np.flatnonzero(r.row_entries != r.indices) if len(r.row_entries) == len(r.indices) else []
+                diff: Sequence[int] | np.ndarray = (
+                    np.flatnonzero(r.row_entries != r.indices) if len(r.row_entries) == len(r.indices) else []
+                )
                 out.append(
                     Violation(
                         "req_to_token",

@@ -53,7 +53,7 @@ _MEMO_LIMIT = 256
 
 def _digest(t: torch.Tensor) -> str:
     arr = np.ascontiguousarray(t.detach().to("cpu").numpy())
-    return hashlib.blake2b(arr, digest_size=16).hexdigest()
+    return hashlib.blake2b(arr.data, digest_size=16).hexdigest()
 
 
 def _scalar(x: float | torch.Tensor) -> str:
@@ -91,7 +91,8 @@ def slot_digests(buffers: Any, slots: Iterable[int]) -> dict[int, Digests]:
                 arr = t.detach().to("cpu").contiguous().numpy()
                 for s in slots:
                     region = np.ascontiguousarray(arr[s])
-                    out[s].append((f"layer {layer} {g}.{which}", hashlib.blake2b(region, digest_size=16).hexdigest()))
+                    digest = hashlib.blake2b(region.data, digest_size=16).hexdigest()
+                    out[s].append((f"layer {layer} {g}.{which}", digest))
     return {s: tuple(v) for s, v in out.items()}
 
 
@@ -126,8 +127,7 @@ def _build(adapter: Any, dims: Any, k: int, n: int, R: int, dtype: torch.dtype) 
             a_slot = torch.zeros(len(mods) * R, in_local, dtype=dtype)
             b_slot = torch.zeros(sum(outs_local), R, dtype=dtype)
             host = None if adapter is None else adapter.weights[layer].get(g)
-            present = adapter is not None and host is not None and _targets(adapter, mods)
-            if present:
+            if host is not None and _targets(adapter, mods):
                 a_host, b_host = host
                 host_off = 0
                 slot_off = 0

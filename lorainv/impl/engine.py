@@ -427,7 +427,9 @@ class Engine:
 
     # -- forwards ---------------------------------------------------------------------------
     def _forward(self, reqs: list[Request], lens: list[int], mode: str) -> torch.Tensor:
-        ids, pos, loc = [], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        loc: list[int] = []
         for r, n in zip(reqs, lens):
             fill = r.fill
             ids.extend(fill[r.kv_len : r.kv_len + n])

@@ -232,7 +232,8 @@ class LoraPool:
         """After a failed transfer: the slot is `EMPTY` again, zeroed (no poison left), rank 0."""
         slot = self.slot_of(uid)
         self._unmap(uid)
-        self.pinned.discard(uid)  # type: ignore[arg-type]
+        if uid is not None:
+            self.pinned.discard(uid)
         self._zero_slot(slot)
 
     def touch(self, uids: Iterable[Uid] | Uid) -> None:

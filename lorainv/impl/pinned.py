@@ -16,6 +16,7 @@ made from another tensor object under the same key is replaced, never served.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +132,7 @@ class PinnedPipeline:
             pair = []
             for which, src in zip("AB", adapter.weights[layer][g]):
                 key = cache_key(adapter.name, layer, g, which, r, n, suffix)
-                pair.append(self.cache.get(key, adapter.name, src, lambda s=src, grp=g, w=which: self._pin(s, grp, w)))
+                pair.append(self.cache.get(key, adapter.name, src, functools.partial(self._pin, src, g, which)))
             out[g] = (pair[0], pair[1])
         self.log.append(("pin", layer))
         return out

@@ -393,6 +393,7 @@ class Scheduler:
                 self.finish(victim, "abort", "does not fit: no KV left for the next token", ev)
                 return []
             if len(decoders) == 1:
+                assert self.staged is not None  # the branch above took staged is None
                 self.retract(self.staged, ev)
                 continue
             victim = min(decoders, key=lambda r: (len(r.output), -len(r.prompt), -r.seq))
