@@ -82,10 +82,10 @@ def make_network(model: Any, cfg: RuntimeConfig) -> Any:
     if model is None:
         model = cfg.network
     if isinstance(model, (str, os.PathLike)):
-        if str(model) == "dummy":
-            from lorainv.impl.dummy_net import DummyNetwork
+        if str(model) == "dummy":  # the fast network: integer fingerprints through the paged KV cache
+            from lorainv.impl.fingerprint_net import FingerprintNetwork
 
-            return DummyNetwork(dtype)
+            return FingerprintNetwork(dtype)
         from lorainv.impl.llama import LlamaNetwork
 
         if str(model) == "tiny":

@@ -3,7 +3,8 @@ the Hypothesis machine, ``lorainv replay`` and ``lorainv fuzz``, so a saved trac
 exactly as it failed.
 
 After every op: the model validates the events (refinement), every per-pool checker and
-the refinement checker read a fresh snapshot. ``finish()`` is the teardown: complete all
+the refinement checker read a fresh snapshot, and in fast mode the token oracle judges every
+decoded token against the request's logical history. ``finish()`` is the teardown: complete all
 transfers, step to idle within a bound (liveness), run the idle leak check, and in numeric
 mode compare every finished request's tokens with the same request run alone.
 """
@@ -20,6 +21,7 @@ from lorainv.config import RuntimeConfig
 from lorainv.errors import InvariantViolation, LorainvError, Violation
 from lorainv.events import Event
 from lorainv.model.reference import ReferenceModel
+from lorainv.model.token_oracle import TokenOracle
 from lorainv.ops import AddRequest, CompleteTransfers, LoadAdapter, Op, Step, UnloadAdapter
 from lorainv.testing.numeric_oracle import LogitsRecorder, NumericOracle, check_numerics
 
@@ -34,12 +36,20 @@ class OpRecord:
 class Harness:
     """Applies ops to an engine and a model in lockstep and collects violations."""
 
-    def __init__(self, cfg: RuntimeConfig, *, numeric: bool = False, model: Any = None) -> None:
+    def __init__(
+        self, cfg: RuntimeConfig, *, numeric: bool = False, model: Any = None, tokens: bool | None = None
+    ) -> None:
+        """``tokens``: judge every `Decoded` with the token oracle; None (default) does so exactly
+        when the engine runs the fingerprint network (fast mode), whose tokens the oracle predicts."""
         from lorainv.impl.engine import Engine
+        from lorainv.impl.fingerprint_net import FingerprintNetwork
 
         self.cfg = cfg
         self.engine = Engine(cfg, model=model)
         self.model = ReferenceModel(cfg)
+        if tokens is None:
+            tokens = isinstance(self.engine.network, FingerprintNetwork)
+        self.tokens = TokenOracle.for_config(cfg, self.engine.network.dims) if tokens else None
         self.checkers = all_checkers([RefinementChecker(self.model)])
         self.numeric = numeric
         self.records: list[OpRecord] = []
@@ -86,6 +96,8 @@ class Harness:
                 self.history[op.rid] = hist
         violations = self.model.observe(op, events)
         violations += run_checks(eng.snapshot(), self.checkers)
+        if self.tokens is not None:
+            violations += self.tokens.observe(op, events)
         rec = OpRecord(op, events, violations)
         self._push(rec)
         return rec
