@@ -181,13 +181,11 @@ def image_from_gen(source: str, dims: Any) -> AdapterImage:
     parsed: Any = parse_gen_source(source)
     if parsed is None:
         raise OracleUnsupported(f"{source!r} is not a gen source")
-    if isinstance(parsed, dict):
-        kw = dict(parsed)
-    elif hasattr(parsed, "_asdict"):
-        kw = dict(parsed._asdict())
+    if hasattr(parsed, "build"):  # every parsed field (alpha, rsLoRA) goes into the test input
+        ad = parsed.build("oracle", dims, torch.float64)
     else:
-        kw = dict(zip(("rank", "seed", "alpha", "use_rslora"), parsed))
-    ad = generate_adapter("oracle", dims, dtype=torch.float64, **kw)
+        rank, seed = parsed
+        ad = generate_adapter("oracle", dims, rank=rank, seed=seed, dtype=torch.float64)
     r = ad.rank
     modules: dict[tuple[int, str], tuple[Matrix, Matrix]] = {}
     for layer, groups in enumerate(ad.weights):
