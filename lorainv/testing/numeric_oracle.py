@@ -40,7 +40,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from lorainv.errors import Violation
+from lorainv.errors import ConfigError, Violation
 
 __all__ = [
     "LOGIT_ATOL",
@@ -260,6 +260,12 @@ class NumericOracle:
 
     @classmethod
     def for_network(cls, network: Any) -> NumericOracle:
+        """The oracle of a Llama network object; `ConfigError` for any other network (the fast
+        networks have no weights to judge: numeric mode needs ``network="tiny"`` or a checkpoint)."""
+        if not callable(getattr(network, "hf_state_dict", None)) or not hasattr(network, "config"):
+            raise ConfigError(
+                f"numeric mode needs a Llama network (network='tiny' or a checkpoint), got {type(network).__name__}"
+            )
         return cls(BaseWeights.from_network(network), getattr(network, "dims", None))
 
     def adapter(self, source: str) -> PeftLora:
@@ -399,12 +405,12 @@ def check_numerics(
                 if op.adapter is None or src is not None:
                     reqs[ev.rid] = _Req(src, hist + tuple(op.prompt), op.session_id)
             elif isinstance(ev, BatchFormed):
-                f = next(fwd, None)
-                if f is None:
+                fr = next(fwd, None)
+                if fr is None:
                     break
                 for b, rid in enumerate(ev.rids):
                     if rid in reqs:
-                        reqs[rid].rows.append((f.positions[b], f.logits[b], None))
+                        reqs[rid].rows.append((fr.positions[b], fr.logits[b], None))
                         pending[rid] = len(reqs[rid].rows) - 1
             elif isinstance(ev, Decoded) and ev.rid in reqs:
                 r = reqs[ev.rid]
@@ -447,9 +453,9 @@ def _check_request(rid: str, r: _Req, oracle: NumericOracle, stats: dict[str, fl
             )
             out.append(Violation("numerics", "N1", msg, (rid,)))
             break
-    for pos, row, j in r.rows:
-        if j is not None and pos != len(r.context) + j - 1:
-            msg = f"{rid} token {j} came from logits at position {pos}, not {len(r.context) + j - 1}"
+    for pos, row, made in r.rows:
+        if made is not None and pos != len(r.context) + made - 1:
+            msg = f"{rid} token {made} came from logits at position {pos}, not {len(r.context) + made - 1}"
             out.append(Violation("numerics", "N2", msg, (rid,)))
             break
         ok, diff = _close(row, want[pos])

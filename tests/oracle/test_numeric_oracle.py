@@ -214,6 +214,7 @@ def test_a_wrong_token_is_n1(mixed: Harness) -> None:
     records = list(mixed.records)
     i, j = next((i, j) for i, r in enumerate(records) for j, e in enumerate(r.events) if isinstance(e, Decoded))
     ev = records[i].events[j]
+    assert isinstance(ev, Decoded)
     events = list(records[i].events)
     events[j] = Decoded(ev.rid, (ev.token + 1) % 256)
     records[i] = dataclasses.replace(records[i], events=events)

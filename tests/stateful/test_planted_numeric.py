@@ -38,7 +38,7 @@ def test_doubled_lora_delta_is_found_by_the_numeric_campaign(tmp_path: Path, mon
     res = run_campaign(network="tiny", numeric=True, max_examples=BUDGET, seed=0, shrink=False, name="planted-x2")
     assert res.found, f"a LoRA delta scaled x2 ran clean for {BUDGET} numeric examples"
     assert res.trace is not None and res.trace_path is not None
-    assert res.trace.expect["pool"] == "numerics", res.trace.meta
+    assert res.trace.expect is not None and res.trace.expect["pool"] == "numerics", res.trace.meta
     again = replay(load(res.trace_path))
     assert again.matches(res.trace.expect), again.violations
     monkeypatch.undo()  # the same trace on the clean engine: nothing to report
