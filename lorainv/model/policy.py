@@ -14,7 +14,8 @@ pool ``"policy"``; the invariant is the check's name:
   being loaded, and in a Step also the reserved ones, this round's loads and its batch.
 * ``fcfs``: newly admitted requests join a batch in queue order, after the staged chunk; a
   waiting request is passed over only if nothing after it is admitted in that round, or its
-  adapter is neither the staged chunk's nor that of an admitted request, or its drain blocks it.
+  adapter is neither the staged chunk's nor that of an admitted request, or its drain blocks
+  it, or its adapter's load started or landed in that round (it may land mid-round).
 * ``max-running``: at most ``max_running_requests`` requests prefill or decode.
 * ``prefill-budget``: a round's chunks, in batch order, are each ``min(tokens left, budget
   left)`` of the ``chunked_prefill_size`` budget; an unfinished chunk ends the batch.
@@ -71,6 +72,7 @@ class _Eviction:
 class _Op:
     kind: str = ""
     loaded: set[Any] = field(default_factory=set)
+    landed: set[Any] = field(default_factory=set)
     evictions: list[_Eviction] = field(default_factory=list)
     pending: _Eviction | None = None
     batch: set[Any] = field(default_factory=set)
@@ -124,6 +126,9 @@ class Policy:
                 self._bad("eviction-victim", f"loaded {ev.adapter!r} into slot {ev.slot}, not free {free[0]}", ev.slot)
         self.op.loaded.add(ev.adapter)
 
+    def on_load_completed(self, ev: E.LoadCompleted) -> None:
+        self.op.landed.add(ev.adapter)
+
     def _judge_eviction(self, e: _Eviction) -> None:
         protected = e.protected | {e.loader} | self.op.batch
         cands = [u for u in e.resident if u == e.victim or u not in protected]
@@ -175,6 +180,8 @@ class Policy:
         for rid, w in self.m.s.reqs.items():
             if w.state != "waiting" or w.seq > last or any(rid == f for f, _ in fresh) or self._blocked(w):
                 continue
+            if w.adapter in self.op.loaded | self.op.landed:
+                continue  # its load may have landed between w's turn and a later request's
             earlier = staged | {r.adapter for _, r in fresh if r.seq < w.seq}
             later = [f for f, r in fresh if r.seq > w.seq and r.adapter == w.adapter]
             if w.adapter in earlier or later:

@@ -400,6 +400,7 @@ class ReferenceModel:
     def _on_LoadCompleted(self, ev: E.LoadCompleted) -> None:
         if self.s.slots.get(ev.slot, object()) != ev.adapter or ev.adapter not in self.s.loading:
             raise ModelError(f"{ev.adapter!r} was not loading into slot {ev.slot}")
+        self.policy.on_load_completed(ev)
         self.s.loading.discard(ev.adapter)
 
     def _on_LoadFailed(self, ev: E.LoadFailed) -> None:
