@@ -125,20 +125,24 @@ class PrefixProvenanceChecker:
         bs = snap.block_size
         prov = {p.block: p for p in snap.provenance}
         hashes = {b.id: b.hash for b in snap.blocks}
-        reqs = {r.rid: r for r in snap.live()}
-        crossed: list[tuple[str, int]] = []
+        reqs = {r.rid: r for r in snap.requests}
+        live = {r.rid for r in snap.live()}
+        # the blocks live requests hold now, and the blocks each request of the last step held
+        # while it ran (a request that ends in its step frees them before any snapshot)
+        holdings = [(rid, bl) for rid, bl in snap.req_blocks if rid in live] + list(snap.step_holdings)
+        crossed: set[tuple[str, int]] = set()
         msgs: list[str] = []
-        for rid, blocks in snap.req_blocks:
+        for rid, blocks in holdings:
             r = reqs.get(rid)
             if r is None:
                 continue
             for i, b in enumerate(blocks):
                 h = hashes.get(b)
-                if h is None or b == snap.null_block:
+                if h is None or b == snap.null_block or (rid, b) in crossed:
                     continue
                 p = prov.get(b)
                 if p is None or p.hash != h:
-                    crossed.append((rid, b))
+                    crossed.add((rid, b))
                     msgs.append(f"{rid} block {b}: hashed outside any step the target saw")
                     continue
                 want = r.tokens[: (i + 1) * bs]
@@ -150,10 +154,11 @@ class PrefixProvenanceChecker:
                 if p.tokens != want:
                     why.append("token prefix differs")
                 if why:
-                    crossed.append((rid, b))
+                    crossed.add((rid, b))
                     msgs.append(f"{rid} block {b} (position {i}): " + ", ".join(why))
         if crossed:
-            out.append(Violation("vllm_blocks", "VB4", "prefix hit crosses: " + "; ".join(msgs[:4]), shown(crossed)))
+            msg = "prefix hit crosses: " + "; ".join(msgs[:4])
+            out.append(Violation("vllm_blocks", "VB4", msg, shown(sorted(crossed))))
         wrong = [(h, b) for h, b in snap.cached if hashes.get(b) != h]
         if wrong:
             out.append(Violation("vllm_blocks", "VB4", "cache map entries whose block lost its hash", shown(wrong)))

@@ -210,6 +210,7 @@ class VllmTarget:
         self.provenance: dict[int, tuple[Any, str | None, str | None, tuple[int, ...]]] = {}
         self.last_scheduled: tuple[tuple[str, int], ...] = ()
         self.last_loras: tuple[int, ...] = ()
+        self.step_holdings: tuple[tuple[str, tuple[int, ...]], ...] = ()
         self.capabilities = Capabilities(
             ops=SUPPORTED_OPS,
             pools=frozenset({"vllm_blocks", "vllm_sched", "vllm_requests"}),
@@ -394,6 +395,9 @@ class VllmTarget:
             if done:
                 sampled[rid] = self.oracle_token(t)
         self._note_provenance(sched)
+        # what each scheduled request holds while the step runs: a request that ends in
+        # update_from_output has freed its blocks by the time a snapshot is taken
+        self.step_holdings = tuple((rid, tuple(self.blocks_of(rid))) for rid, _ in sched)
         ids = [rid for rid, _ in sched]
         mro = ModelRunnerOutput(
             req_ids=ids,

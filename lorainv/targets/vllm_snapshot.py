@@ -70,6 +70,8 @@ class VllmSnapshot:
     last_scheduled: tuple[tuple[str, int], ...]  # (rid, tokens) of the last step
     last_loras: tuple[int, ...]  # distinct lora_int_ids scheduled in the last step
     provenance: tuple[Provenance, ...]
+    step_holdings: tuple[tuple[str, tuple[int, ...]], ...]  # (rid, blocks) of the last step's
+    # scheduled requests, read between schedule() and update_from_output()
     max_loras: int
     max_num_batched_tokens: int
     max_num_seqs: int
@@ -141,6 +143,7 @@ def take_vllm_snapshot(target: Any) -> VllmSnapshot:
         last_scheduled=target.last_scheduled,
         last_loras=target.last_loras,
         provenance=prov,
+        step_holdings=target.step_holdings,
         max_loras=target.max_loras,
         max_num_batched_tokens=target.max_num_batched_tokens,
         max_num_seqs=target.max_num_seqs,

@@ -1,0 +1,85 @@
+"""`TargetRun`: apply ops to any `Target` and check it after each one.
+
+The loop the harness runs for lorainv's engine, restated for targets whose snapshot is
+not lorainv's: after every op the target's own checkers read a fresh snapshot, and when
+``capabilities.token_oracle`` holds the token oracle judges every `Decoded` against the
+request's logical history (prompt + tokens decoded so far, followed through the events).
+``finish()`` is the teardown: step with no new ops until idle within a bound (liveness),
+then one last check of the idle snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorainv.errors import Violation
+from lorainv.events import Event
+from lorainv.ops import Op, Step
+
+
+@dataclass
+class RunRecord:
+    op: Op
+    events: list[Event]
+    violations: list[Violation] = field(default_factory=list)
+
+
+class TargetRun:
+    """Drives ``target`` (mutated by `apply` and `finish` only) and collects violations."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.checkers = target.checkers()
+        self.tokens: Any = None
+        if target.capabilities.token_oracle:
+            from lorainv.model.token_oracle import TokenOracle
+
+            self.tokens = TokenOracle.for_config(target.config, target.dims)
+        self.records: list[RunRecord] = []
+
+    @property
+    def ops(self) -> list[Op]:
+        return [r.op for r in self.records]
+
+    def check(self) -> list[Violation]:
+        snap = self.target.snapshot()
+        return [v for c in self.checkers for v in c.check(snap)]
+
+    def apply(self, op: Op) -> RunRecord:
+        """Apply ``op``; a crash of the target is a ``engine/crash`` violation, never an error here."""
+        try:
+            events = self.target.apply(op)
+        except Exception as e:
+            v = Violation("engine", "crash", f"{op.kind} raised {type(e).__name__}: {e}", (op.kind,))
+            rec = RunRecord(op, [], [v])
+            self.records.append(rec)
+            return rec
+        violations = self.check()
+        if self.tokens is not None:
+            violations += self.tokens.observe(op, events)
+        rec = RunRecord(op, events, violations)
+        self.records.append(rec)
+        return rec
+
+    def finish(self, max_steps: int | None = None) -> list[Violation]:
+        """Liveness: with no new ops, stepping reaches idle within ``max_steps`` (default: a
+        bound from the live requests' sizes); then the idle snapshot is checked."""
+        t = self.target
+        if max_steps is None:
+            max_steps = 64 + 8 * sum(len(r.req.all_token_ids) + r.req.max_tokens for r in _live(t))
+        for _ in range(max_steps):
+            if t.is_idle():
+                break
+            rec = self.apply(Step())
+            if rec.violations:
+                return rec.violations
+        if not t.is_idle():
+            live = tuple(r.rid for r in _live(t))
+            return [Violation("requests", "liveness", f"not idle after {max_steps} steps with no new ops", live)]
+        return self.check()
+
+
+def _live(target: Any) -> list[Any]:
+    tracked = getattr(target, "tracked", {})
+    return [r for r in tracked.values() if r.state in ("waiting", "prefilling", "decoding")]
