@@ -6,7 +6,8 @@ After every op: the model validates the events (refinement), every per-pool chec
 the refinement checker read a fresh snapshot, and in fast mode the token oracle judges every
 decoded token against the request's logical history. ``finish()`` is the teardown: complete all
 transfers, step to idle within a bound (liveness), run the idle leak check, and in numeric
-mode compare every finished request's tokens with the same request run alone.
+mode hold every request's tokens and logit rows to the independent float64 forward of
+`lorainv.testing.numeric_oracle` (never to the engine itself).
 """
 
 from __future__ import annotations
