@@ -23,8 +23,9 @@ run with ``PYTHONPATH`` at the copy and a timeout; for the network, batch and ba
 when the fast run stays clean. Outcomes:
 
 * **killed** — the fuzzer reported a violation (exit status 1 with its JSON report);
-* **killed (crash)** — the CLI died with an uncaught error after it started fuzzing;
-* **killed (import)** — the CLI died before it started fuzzing (e.g. the mutant cannot be imported);
+* **killed (crash)** — the CLI died with an uncaught error while fuzzing (the harness turns an
+  engine crash inside an op into a violation, so this is a crash outside the ops);
+* **killed (import)** — the CLI died in module-level code (the mutant cannot even be imported);
 * **survived** — every run was clean;
 * **timed out** — a run exceeded ``--timeout`` (counted apart, not as killed);
 * **not reached** — the mutation point is in code the clean fuzz run never executes. This is
@@ -91,8 +92,6 @@ _STMT_TYPES = frozenset(
 )
 KILLED = ("killed", "killed (crash)", "killed (import)")
 STATUSES = (*KILLED, "survived", "timed out", "not reached")
-# printed by ``lorainv fuzz`` before its first campaign: a crash before it is an import-time death
-FUZZ_STARTED = "lorainv fuzz: seed"
 # cosmic-ray's ExceptionReplacer writes this name into ``except`` clauses; cosmic-ray defines the
 # class in its own package, so the mutant's interpreter gets it as a builtin (sitecustomize)
 _SITECUSTOMIZE = (
@@ -142,6 +141,7 @@ class MutantResult:
     status: str = "survived"
     killed_by: str = ""  # "fast" or "numeric" for a kill
     detail: str = ""  # the violation message, the crash's last line, or why not run
+    hint: str = ""  # for a survivor: whether it ran differently from the clean code (not equivalent then)
     seconds: float = 0.0  # wall time of all runs of this mutant
     runs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -154,6 +154,7 @@ class Settings:
     numeric_examples: int
     fuzz_seed: int
     timeout_s: float | None  # None: derived from the baseline
+    no_shrink: bool = False  # pass --no-shrink (when the CLI has it): a kill needs no shrunk trace
 
 
 # -- enumeration ---------------------------------------------------------------------------------
@@ -275,13 +276,20 @@ def snapshot(src: Path, dst: Path) -> None:
     (dst / "sitecustomize.py").write_text(_SITECUSTOMIZE)
 
 
-def fuzz_cmd(mode: str, examples: int, seed: int, report: Path) -> list[str]:
-    budget = ["--max-examples", str(examples), "--seed", str(seed)]
+def fuzz_cmd(mode: str, s: Settings, report: Path) -> list[str]:
+    examples = s.fast_examples if mode == "fast" else s.numeric_examples
+    budget = ["--max-examples", str(examples), "--seed", str(s.fuzz_seed)] + (["--no-shrink"] if s.no_shrink else [])
     return [sys.executable, "-m", "lorainv.cli", "fuzz", f"--{mode}", *budget, "--quiet", "--json", str(report)]
 
 
+def cli_has_no_shrink(copy: Path) -> bool:
+    """Whether the copy's ``lorainv fuzz`` takes ``--no-shrink`` (shrinking only slows a kill down)."""
+    return '"--no-shrink"' in (copy / "lorainv" / "cli.py").read_text(encoding="utf-8")
+
+
 def _env(copy: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    # no inherited LORAINV_* (strict level, faults): every run is judged by the settings shown
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAINV_")}
     env["PYTHONPATH"] = str(copy)  # the copy only: the checkout must not leak in
     env["LORAINV_TRACE_DIR"] = str(copy / "traces")
     env.pop("COVERAGE_PROCESS_START", None)
@@ -294,10 +302,9 @@ def run_fuzz(copy: Path, mode: str, s: Settings, timeout: float | None, prefix: 
     ``outcome`` is ``violation``, ``clean``, ``crash``, ``import`` or ``timeout``. The cwd is the
     copy, so ``python -m`` puts the copy (not the checkout) first on ``sys.path``.
     """
-    examples = s.fast_examples if mode == "fast" else s.numeric_examples
     report = copy / f"fuzz-{mode}.json"
     report.unlink(missing_ok=True)
-    cmd = fuzz_cmd(mode, examples, s.fuzz_seed, report)
+    cmd = fuzz_cmd(mode, s, report)
     if prefix:  # e.g. ``python -m coverage run ...``: it takes the ``-m lorainv.cli ...`` part
         cmd = [*prefix, *cmd[1:]]
     t0 = time.perf_counter()
@@ -319,8 +326,15 @@ def run_fuzz(copy: Path, mode: str, s: Settings, timeout: float | None, prefix: 
         rec.update(outcome="clean", detail="")
     else:
         err = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-        rec.update(outcome="crash" if FUZZ_STARTED in p.stdout else "import", detail=(err or ["?"])[-1][:300])
+        rec.update(outcome="import" if died_at_import(p.stderr) else "crash", detail=(err or ["?"])[-1][:300])
     return rec
+
+
+def died_at_import(stderr: str) -> bool:
+    """Whether a traceback ends in module-level code (a module failed to import) or a syntax error."""
+    frames = re.findall(r'File "[^"]*", line \d+, in (\S+)', stderr)
+    last = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:] or [""]
+    return last[0].startswith(("SyntaxError", "IndentationError")) or (bool(frames) and frames[-1] == "<module>")
 
 
 def judge(point: MutationPoint, source: str, base: Path, work: Path, s: Settings, timeout: float) -> MutantResult:
@@ -471,10 +485,11 @@ def render_files(results: Sequence[MutantResult]) -> str:
 def survivors_markdown(results: Sequence[MutantResult], verdicts: dict[str, str]) -> str:
     """The mutants a human must judge, as a Markdown table with the verdict column (maybe empty)."""
     rows = [r for r in results if r.status not in KILLED]
-    lines = ["| id | where | status | mutation (before → after) | verdict |", "|---|---|---|---|---|"]
+    lines = ["| id | where | status | mutation (before → after) | hint | verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
         mut = f"`{r.before}` → `{r.after}`".replace("|", "\\|")
-        lines.append(f"| `{r.id}` | {r.path}:{r.line} | {r.status} | {mut} | {verdicts.get(r.id, '')} |")
+        cells = [f"`{r.id}`", f"{r.path}:{r.line}", r.status, mut, r.hint, verdicts.get(r.id, "")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -515,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=None, help="fast fuzz budget per mutant (default 400, quick 30)")
     p.add_argument("--numeric-examples", type=int, default=None, help="numeric budget (default 40, quick 3)")
     p.add_argument("--fuzz-seed", type=int, default=0, help="seed passed to lorainv fuzz (default 0)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per fuzz run (default 3x clean + 60)")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds per fuzz run (default: from the clean run's time)"
+    )
     p.add_argument("--jobs", type=int, default=2, help="mutants run in parallel (default 2)")
     p.add_argument("--src", type=Path, default=REPO, help="checkout whose lorainv/ is copied (default: this repo)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated files/dirs under --src")
@@ -541,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         base = work / "base"
         snapshot(src, base)  # every later read (sources, mutants) comes from this snapshot
+        s.no_shrink = cli_has_no_shrink(base)
         files = target_files(base, [t.strip() for t in args.targets.split(",") if t.strip()])
         t0 = time.perf_counter()
         points, filtered = enumerate_points(base, files)
@@ -573,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"mutation: the UNMUTATED code is not clean in {mode} mode: {baseline[mode].get('detail')}")
                 return 1
         slowest = max(b["seconds"] for b in baseline.values())
-        timeout = s.timeout_s or round(3 * slowest + 60, 1)
+        # a kill also pays for Hypothesis shrinking unless the CLI can skip it: allow for that
+        timeout = s.timeout_s or round(3 * slowest + 60 if s.no_shrink else 6 * slowest + 120, 1)
 
         results: list[MutantResult] = []
         to_run: list[MutationPoint] = []
@@ -622,6 +641,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     falsified.append(r.id)
                     r.detail = f"NOT-REACHED CLAIM REFUTED ({r.status}): {r.detail}"
                     log(f"mutation: {r.id} was predicted unreachable but ended {r.status}")
+        for r in ran:  # a survivor that ran differently from the clean code is not equivalent
+            if r.status in ("survived", "not reached") and r.runs:
+                diff = [
+                    f"{x['mode']} ops {x.get('ops')} vs clean {baseline[x['mode']].get('ops')}"
+                    for x in r.runs
+                    if x.get("ops") != baseline[x["mode"]].get("ops")
+                ]
+                r.hint = "behaviour changed: " + ", ".join(diff) if diff else "same op count as clean"
         results += ran
         results.sort(key=lambda r: (r.path, r.line, r.id))
 

@@ -120,3 +120,19 @@ def test_end_to_end_kill_and_not_reached(tmp_path: Path) -> None:
     assert "clean" in got[cuda.id]["detail"] and doc["unreached_refuted"] == []
     assert doc["counts"]["score"] == 1.0 and doc["counts"]["score_with_unreached"] == 0.5
     assert doc["timing"]["all_run"]["n"] == 2 and doc["timing"]["all_run"]["median_s"] > 0
+
+
+def test_outcome_helpers(tmp_path: Path) -> None:
+    """An import-time death is told from a crash while fuzzing; --no-shrink is passed only when asked."""
+    at_import = 'Traceback (most recent call last):\n  File "/c/lorainv/cli.py", line 9, in cmd_fuzz\n'
+    at_import += "  File \"/c/lorainv/impl/engine.py\", line 3, in <module>\nNameError: name 'x' is not defined\n"
+    assert mutation.died_at_import(at_import)
+    assert mutation.died_at_import('  File "/c/lorainv/impl/kv_pool.py", line 4\n    x = = 1\nSyntaxError: bad\n')
+    assert not mutation.died_at_import(
+        '  File "/c/lorainv/testing/campaign.py", line 9, in run_campaign\nKeyError: 1\n'
+    )
+    s = mutation.Settings(fast_examples=7, numeric_examples=2, fuzz_seed=0, timeout_s=None)
+    cmd = mutation.fuzz_cmd("numeric", s, tmp_path / "r.json")
+    assert cmd[1:5] == ["-m", "lorainv.cli", "fuzz", "--numeric"] and "2" in cmd and "--no-shrink" not in cmd
+    s.no_shrink = True
+    assert "--no-shrink" in mutation.fuzz_cmd("fast", s, tmp_path / "r.json")
