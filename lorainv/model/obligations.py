@@ -322,15 +322,15 @@ def judge(op: O.Op, want: Expect, events: list[E.Event]) -> list[Violation]:
     if want.verdict == "reject":
         return bad("accepted-invalid", f"accepted, but the model says it is invalid: {want.why}")
     out: list[Violation] = []
+    missing: list[str] = []
     if want.first is not None and (not events or not _matches(want.first, events[0])):
-        got = events[0] if events else "nothing"
-        out += bad("effect", f"the first event must be {want.first}, got {got}")
-    for w in want.must:
-        if not any(_matches(w, e) for e in events):
-            out += bad("effect", f"no {w} among {[str(e) for e in events]}")
+        missing.append(f"the first event must be {want.first}, got {events[0] if events else 'nothing'}")
+    missing += [f"no {w}" for w in want.must if not any(_matches(w, e) for e in events)]
     for adapter in want.extra.get("landed", ()):
         if not any(isinstance(e, (E.LoadCompleted, E.LoadFailed)) and e.adapter == adapter for e in events):
-            out += bad("effect", f"every transfer completed, yet the load of {adapter!r} did not land")
+            missing.append(f"every transfer completed, yet the load of {adapter!r} did not land")
+    if missing:
+        out += bad("effect", "; ".join(missing) + f" (events: {[str(e) for e in events]})")
     expected = {w if isinstance(w, str) else w.kind for w in (want.first, *want.must) if w is not None}
     stray = [e for e in events if e.kind not in want.allowed and e.kind not in expected]
     if stray:
