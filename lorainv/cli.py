@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -120,6 +121,7 @@ def cmd_list_faults(out: TextIO) -> int:
 def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     from lorainv.impl.faults import FAULTS
     from lorainv.testing.campaign import run_campaign
+    from lorainv.testing.machine import COVERAGE_COUNTERS, coverage_report
 
     if a.list_faults:
         return cmd_list_faults(out)
@@ -137,7 +139,8 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     budget_s = 60 * (a.minutes if a.minutes is not None else (0.75 if a.max_examples is None else 1e9))
     modes = ["numeric"] if a.numeric else ["fast"] if a.fast else ["fast", "fast", "fast", "numeric"]
     overrides = {"strict_mem_check": a.strict} if a.strict else {}
-    total = {"examples": 0, "ops": 0, "states": set(), "transitions": set()}
+    total: dict[str, Any] = {"examples": 0, "ops": 0, "states": set(), "transitions": set()}
+    counters: dict[str, Counter[Any]] = {k: Counter() for k in COVERAGE_COUNTERS}
     t0 = time.monotonic()
     live = not a.quiet and out.isatty()
     report: dict[str, Any] = {"seed": a.seed, "faults": sorted(faults), "strict": a.strict, "rounds": []}
@@ -182,6 +185,8 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
         total["ops"] += res.ops
         total["states"] |= res.stats.get("states", set())
         total["transitions"] |= res.stats.get("transitions", set())
+        for k, c in counters.items():
+            c.update(res.stats.get(k, Counter()))
         report["rounds"].append({"mode": mode, "examples": res.examples, "ops": res.ops, "seconds": res.seconds})
         rnd += 1
         if not live and not a.quiet and time.monotonic() - last_line >= 10:
@@ -209,6 +214,8 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     out.write("\n  summary\n  " + "-" * 32 + "\n")
     for k, v in rows:
         out.write(f"  {k:<18}{v:>14}\n")
+    coverage = coverage_report(counters)
+    _write_coverage(out, coverage)
     report.update(
         {
             "examples": total["examples"],
@@ -218,6 +225,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
             "transitions": len(total["transitions"]),
             "seconds": dt,
             "violations": 0 if found is None else 1,
+            "coverage": coverage,
         }
     )
     if found is not None:
@@ -235,6 +243,30 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 1 if found is not None else 0
+
+
+def _write_coverage(out: TextIO, cov: dict[str, Any]) -> None:
+    """The coverage counters in a few lines: what was reached, what was not."""
+    variants = cov["op_variants"]
+    n_ops = sum(v["accepted"] + v["rejected"] for v in variants.values())
+    n_rej = sum(v["rejected"] for v in variants.values())
+    reached = len(variants) - sum(1 for k in variants if k not in cov["known_op_variants"])
+    n_events = len(cov["known_events"]) - len(cov["missing_events"])
+    rows = [
+        ("op variants", f"{reached} of {len(cov['known_op_variants'])}"),
+        ("rejected ops", f"{n_rej} of {n_ops}"),
+        ("event kinds", f"{n_events} of {len(cov['known_events'])}"),
+    ]
+    out.write("\n  coverage\n  " + "-" * 32 + "\n")
+    for k, v in rows:
+        out.write(f"  {k:<18}{v:>14}\n")
+    for k, v in cov["rare"].items():
+        out.write(f"  {k:<32}{v:>6}\n")
+    for what in ("missing_op_variants", "missing_events"):
+        if cov[what]:
+            shown = cov[what][:12]
+            more = f" (+{len(cov[what]) - 12} more)" if len(cov[what]) > 12 else ""
+            out.write(f"  never reached: {', '.join(shown)}{more}\n")
 
 
 # -- replay / bench ----------------------------------------------------------------------------

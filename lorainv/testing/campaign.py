@@ -15,7 +15,7 @@ from hypothesis import seed as hyp_seed
 from hypothesis.errors import Flaky
 from hypothesis.stateful import run_state_machine_as_test
 
-from lorainv.testing.machine import LorainvMachine, make_machine
+from lorainv.testing.machine import LorainvMachine, coverage_report, make_machine
 from lorainv.trace import Trace
 
 # Config fields under which each fault can exist at all (e.g. a partial page needs page_size 2).
@@ -47,6 +47,11 @@ class CampaignResult:
     transitions: int
     error: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def coverage(self) -> dict[str, Any]:
+        """Op variants, event kinds and rare states reached (`coverage_report` of the stats)."""
+        return coverage_report(self.stats)
 
 
 def run_campaign(
