@@ -56,7 +56,7 @@ _FLOAT_FORMATS = {"float64": (53, -1022), "float32": (24, -126), "float16": (11,
 
 
 class OracleUnsupported(Exception):
-    """The oracle cannot derive this adapter's slot contents (e.g. a pickled ``.bin`` adapter)."""
+    """The oracle cannot derive this adapter's slot contents (e.g. a ``.bin`` adapter: it never unpickles)."""
 
 
 def mix(x: int) -> int:
@@ -242,7 +242,7 @@ def image_from_peft(directory: str, dims: Any) -> AdapterImage:
     d = Path(directory)
     st = d / "adapter_model.safetensors"
     if not st.exists():
-        raise OracleUnsupported(f"{d}: no adapter_model.safetensors (a pickled .bin is not read by the oracle)")
+        raise OracleUnsupported(f"{d}: no adapter_model.safetensors (the oracle never unpickles a .bin)")
     cfg = json.loads((d / "adapter_config.json").read_text())
     r, alpha, rs = cfg.get("r", 8), float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
     pattern = cfg.get("alpha_pattern") or {}

@@ -130,7 +130,7 @@ def test_generate_is_atomic_on_bad_input() -> None:
     d.load("a", "gen:4:1")
     before = state_key(d.engine.snapshot())
     with pytest.raises(RequestError, match="outside the vocabulary"):
-        d.engine.generate([[1, 2], [3, 999]], ["a", "a"], 3)
+        d.engine.generate([[1, 2], [3, 4999]], ["a", "a"], 3)
     assert state_key(d.engine.snapshot()) == before and d.engine.requests == {}
     assert d.engine.generate([[1, 2]], ["a"], 2) == [d.engine.output("r0")]
 
@@ -168,7 +168,7 @@ BAD: list[tuple[str, Callable[[Any], object], Op, str]] = [
         AddRequest("x", (1,) * 10, None, 4087),
         "exceeds the model context 4096",
     ),
-    ("token id = vocab", lambda e: e.add_request([1, 256]), AddRequest("x", (1, 256)), "outside the vocabulary"),
+    ("token id = vocab", lambda e: e.add_request([1, 1024]), AddRequest("x", (1, 1024)), "outside the vocabulary"),
     ("negative token id", lambda e: e.add_request([-1]), AddRequest("x", (-1,)), "outside the vocabulary"),
     ("unknown adapter", lambda e: e.add_request([1], "zz"), AddRequest("x", (1,), "zz"), "unknown adapter 'zz'"),
     ("max_new 0", lambda e: e.add_request([1], None, 0), AddRequest("x", (1,), None, 0), "max_new_tokens"),

@@ -178,7 +178,7 @@ def test_aborted_session_turn_leaves_the_saved_history() -> None:
 
 
 def test_an_adapter_the_oracle_cannot_read_is_left_unchecked(tmp_path: Path) -> None:
-    """A pickled ``.bin`` PEFT adapter (no safetensors): its tokens are counted as unchecked."""
+    """A ``.bin`` PEFT adapter (no safetensors; the oracle never unpickles): its tokens are unchecked."""
     st = write_peft_adapter(tmp_path / "ad", DIMS, rank=2, seed=1)
     from safetensors.torch import load_file
 
