@@ -18,8 +18,10 @@ import pytest
 
 from lorainv.cli import main
 from lorainv.config import RuntimeConfig
+from lorainv.events import EVENTS
 from lorainv.impl.faults import FAULTS
-from lorainv.ops import AddRequest, LoadAdapter, Step
+from lorainv.ops import OPS, AddRequest, LoadAdapter, Step
+from lorainv.testing.machine import RARE_STATES
 from lorainv.trace import Trace, save
 
 ROW = re.compile(r"^(r\d+)\s+(\S+)\s+(\S+)\s+(\[[\d, ]*\])$", re.MULTILINE)
@@ -166,6 +168,21 @@ def test_fuzz_clean_campaign_writes_a_json_report(tmp_path: Path) -> None:
     assert data["seed"] == 1 and data["faults"] == []
     assert sum(r["examples"] for r in data["rounds"]) == data["examples"]
     assert not (tmp_path / "traces").exists() or not list((tmp_path / "traces").iterdir())
+    assert data["ops_per_s"] > 0 and data["states"] > 0 and data["transitions"] > 0
+    # coverage counters: machine-drawn ops by variant (setup and teardown ops are not drawn)
+    cov = data["coverage"]
+    variants = cov["op_variants"]
+    drawn = sum(v["accepted"] + v["rejected"] for v in variants.values())
+    assert 0 < drawn <= data["ops"]
+    assert all(k.split(":", 1)[0] in OPS for k in variants) and set(variants) <= set(cov["known_op_variants"])
+    assert variants["Step:step"]["accepted"] > 0 and variants["Step:step"]["rejected"] == 0
+    assert cov["events"]["Queued"] > 0 and set(cov["missing_events"]) == set(EVENTS) - set(cov["events"])
+    assert set(cov["missing_op_variants"]) == set(cov["known_op_variants"]) - set(variants)
+    assert set(cov["rare"]) == set(RARE_STATES)
+    printed = res.stdout[res.stdout.index("coverage") :]
+    assert f"{len(variants)} of {len(cov['known_op_variants'])}" in printed
+    assert f"{len(EVENTS) - len(cov['missing_events'])} of {len(EVENTS)}" in printed
+    assert all(r in printed for r in RARE_STATES)
 
 
 def test_fuzz_finds_a_fault_and_replay_reproduces_it(tmp_path: Path) -> None:
