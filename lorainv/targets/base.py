@@ -15,6 +15,10 @@ happened as lorainv events (`lorainv.events`). The harness, the Hypothesis machi
 * ``is_idle()``: nothing waits or runs (pure). Liveness: with no new ops, stepping a target
   must reach idle within a bound.
 * ``config`` (the `RuntimeConfig` the target was sized from) and ``name`` (recorded in traces).
+
+Optional: ``make_model() -> (model, checkers)`` for a target lorainv's reference model does not
+fit (``capabilities.reference_model`` false): ``model.observe(op, events) -> list[Violation]``
+validates each op's events, and the checkers compare the snapshot with the model's prediction.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`TargetRun`: apply ops to any `Target` and check it after each one.
 
 The loop the harness runs for lorainv's engine, restated for targets whose snapshot is
-not lorainv's: after every op the target's own checkers read a fresh snapshot, and when
+not lorainv's: after every op the target's model (``make_model``, if it has one) validates
+the events, the target's own checkers (and the model's) read a fresh snapshot, and when
 ``capabilities.token_oracle`` holds the token oracle judges every `Decoded` against the
 request's logical history (prompt + tokens decoded so far, followed through the events).
 ``finish()`` is the teardown: step with no new ops until idle within a bound (liveness),
@@ -36,6 +37,11 @@ class TargetRun:
             from lorainv.model.token_oracle import TokenOracle
 
             self.tokens = TokenOracle.for_config(target.config, target.dims)
+        self.model: Any = None
+        make_model = getattr(target, "make_model", None)
+        if make_model is not None and not target.capabilities.reference_model:
+            self.model, extra = make_model()
+            self.checkers += extra
         self.records: list[RunRecord] = []
 
     @property
@@ -55,7 +61,8 @@ class TargetRun:
             rec = RunRecord(op, [], [v])
             self.records.append(rec)
             return rec
-        violations = self.check()
+        violations = self.model.observe(op, events) if self.model is not None else []
+        violations += self.check()
         if self.tokens is not None:
             violations += self.tokens.observe(op, events)
         rec = RunRecord(op, events, violations)

@@ -35,6 +35,10 @@ gives every load of a name the same path, as a deployment that re-publishes an a
 directory in place does; ``"versioned"`` gives each load its own path. The target records
 which weights (``source``) each ``lora_int_id`` stands for; tokens and checkers use that.
 
+Cache salts: lorainv's ``AddRequest`` has no salt field; the target passes its
+``session_id`` as vLLM's ``cache_salt`` (vLLM has no sessions; a session id here names a
+tenant whose requests may share cached KV only with each other). No ``OpenSession`` is needed.
+
 Event mapping (vLLM mixes prefill chunks and decodes in one step; lorainv's events keep the
 two apart): per ``Step`` -- `Retracted` (``reason="kv"``) for each request vLLM preempted,
 `PrefixHit` for each request admitted with ``num_computed_tokens > 0`` from the cache, then
@@ -240,6 +244,13 @@ class VllmTarget:
 
         return vllm_checkers()
 
+    def make_model(self) -> tuple[Any, list[Checker]]:
+        """A fresh `VllmModel` of this target and the refinement checker that reads it."""
+        from lorainv.targets.vllm_model import VllmModel, VllmRefinementChecker
+
+        model = VllmModel.for_target(self)
+        return model, [VllmRefinementChecker(model)]
+
     def live_rids(self) -> list[str]:
         return [t.rid for t in self.tracked.values() if t.state in ("waiting", "prefilling", "decoding")]
 
@@ -275,8 +286,8 @@ class VllmTarget:
             raise RequestError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {self.vocab_size})")
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise RequestError(f"max_new_tokens must be an int >= 1, got {m!r}")
-        if op.session_id is not None:
-            raise RequestError("the vllm target has no sessions")
+        if op.session_id is not None and not isinstance(op.session_id, str):
+            raise RequestError(f"session_id must be None or a string, got {op.session_id!r}")
         if len(prompt) + m > self.max_model_len:
             raise RequestError(f"prompt+max_new_tokens = {len(prompt) + m} exceeds max_model_len={self.max_model_len}")
         lora = None
@@ -287,7 +298,9 @@ class VllmTarget:
                 raise RequestError(f"unknown adapter {op.adapter!r}; load it with load_adapter first")
             lora = LoRARequest(ad.name, ad.lora_int_id, ad.path)
             source = ad.source
-        salt = getattr(op, "cache_salt", None)
+        # vLLM has no sessions: a session id names a tenant, whose requests share a cache salt
+        # (an op's own cache_salt, when the vocabulary has one, wins)
+        salt = getattr(op, "cache_salt", None) or op.session_id
         req = Request(
             request_id=rid,
             prompt_token_ids=list(prompt),
@@ -300,7 +313,7 @@ class VllmTarget:
         )
         self.scheduler.add_request(req)
         self.tracked[rid] = _Tracked(rid, req, source, salt)
-        return [Queued(rid, op.adapter, len(prompt), m)]
+        return [Queued(rid, op.adapter, len(prompt), m, op.session_id)]
 
     def _op_Abort(self, op: Abort) -> list[Event]:
         from vllm.v1.request import RequestStatus

@@ -117,7 +117,7 @@ def take_vllm_snapshot(target: Any) -> VllmSnapshot:
                 status=r.status.name,
                 lora_int_id=0 if lr is None else lr.lora_int_id,
                 weights=None if lr is None else target.identities.get(lr.lora_int_id),
-                salt=r.cache_salt,
+                salt=t.salt,  # the salt the op asked for (vLLM's copy may differ if broken)
                 num_tokens=r.num_tokens,
                 num_computed=r.num_computed_tokens,
                 output_len=len(r.output_token_ids),

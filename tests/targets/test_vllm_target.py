@@ -17,6 +17,7 @@ from lorainv.events import (
     AdapterRegistered,
     BatchFormed,
     Decoded,
+    Event,
     Finished,
     PrefixHit,
     Queued,
@@ -105,7 +106,6 @@ def test_add_request_carries_the_lora_identity_and_salt() -> None:
         AddRequest("r0", (), None, 3),
         AddRequest("r0", (5000,), None, 3),
         AddRequest("r0", PROMPT, None, 0),
-        AddRequest("r0", PROMPT, None, 3, session_id="s"),
         AddRequest("r0", tuple(range(60)), None, 8),  # over the KV capacity (max_model_len)
         Abort("ghost"),
         UnloadAdapter("ghost"),
@@ -121,6 +121,33 @@ def test_bad_ops_are_rejected_and_change_nothing(op: Op) -> None:
     assert len(ev) == 1 and isinstance(ev[0], Rejected)
     assert t.snapshot() == before
     assert not t.scheduler.requests
+
+
+def test_session_id_is_the_cache_salt_and_salts_do_not_share() -> None:
+    ops: list[Op] = [AddRequest("r0", PROMPT, None, 1, session_id="t1"), Step()]
+    ops += [AddRequest("r1", PROMPT, None, 1, session_id="t2"), Step()]
+    ops += [AddRequest("r2", PROMPT, None, 1, session_id="t1"), Step()]
+    r, found = run(ops)
+    assert not found, found
+    assert r.target.tracked["r1"].req.cache_salt == "t2"
+    hits = [e for rec in r.records for e in rec.events if isinstance(e, PrefixHit)]
+    assert hits == [PrefixHit("r2", 8, "cache")]  # the same salt hits; another salt does not
+
+
+def test_a_prefix_hit_across_salts_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.request import Request
+
+    real = Request.__init__
+
+    def no_salt(self: Request, *a: object, **kw: object) -> None:
+        kw["cache_salt"] = None  # the engine drops the salt before hashing
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(Request, "__init__", no_salt)
+    ops: list[Op] = [AddRequest("r0", PROMPT, None, 2, session_id="t1"), Step()]
+    ops += [AddRequest("r1", PROMPT, None, 2, session_id="t2"), Step()]
+    _, found = run(ops)
+    assert "VB4" in kinds(found)
 
 
 def test_reload_gets_a_new_lora_int_id_with_the_same_name_and_path() -> None:
@@ -306,3 +333,34 @@ def test_fuzz_clean_vllm(script: list[tuple[object, ...]]) -> None:
             r.apply(LoadAdapter(a, f"gen:8:{s}"))
     found = [v for rec in r.records for v in rec.violations] + r.finish()
     assert not found, [str(v) for v in found]
+
+
+def test_a_wrapper_that_skips_freeing_on_abort_is_caught() -> None:
+    from lorainv.targets.vllm import VllmTarget
+
+    class LeakyAbort(VllmTarget):
+        def _op_Abort(self, op: Abort) -> list[Event]:
+            t = self.tracked[op.rid]
+            state, t.state = t.state, "aborted"  # reports the abort, never tells vLLM
+            return [Aborted(op.rid, state)]
+
+    r = TargetRun(LeakyAbort(CFG))
+    found: list[Violation] = []
+    for op in (AddRequest("r0", PROMPT, None, 4), Step(), Abort("r0")):
+        found += r.apply(op).violations
+    assert {"live", "VR1"} <= kinds(found)
+
+
+def test_the_model_refuses_a_target_that_reports_a_token_too_many() -> None:
+    from lorainv.targets.vllm import VllmTarget
+
+    class Chatty(VllmTarget):
+        def _op_Step(self, op: Step) -> list[Event]:
+            ev = super()._op_Step(op)
+            return [*ev, *[Decoded(e.rid, 0) for e in ev if isinstance(e, Finished)]]
+
+    r = TargetRun(Chatty(CFG))
+    found: list[Violation] = []
+    for op in (AddRequest("r0", PROMPT, None, 1), Step()):
+        found += r.apply(op).violations
+    assert any(v.pool == "model" and v.invariant == "refinement" for v in found)
