@@ -13,8 +13,6 @@ The rules are re-derived from the README "Errors" table and the ops' documented 
 not from engine code. Where the model cannot know an input's fate it says ``either``:
 
 * ``LoadAdapter`` from a directory: the files decide (any `AdapterError` subclass or accept);
-* a ``gen:`` source of a shape other than ``gen:<rank>:<seed>``: accept, `AdapterConfigError`
-  or `AdapterRankError` (the generated-source grammar may grow);
 * ``AddRequest`` when the vocabulary or the context length was not given to the model and
   every other rule passes: accept or `RequestError`.
 
@@ -173,6 +171,27 @@ def _clock(m: ReferenceModel, op: Any) -> Expect:
     return Expect("accept", first=E.ClockAdvanced(m.s.now + float(dt)))
 
 
+def _digits(text: str, most: int) -> bool:
+    return 1 <= len(text) <= most and text.isdecimal()
+
+
+def _gen_rank(source: str) -> int | None:
+    """The rank of a documented generated source ``gen:<rank>:<seed>[:<alpha>[:rs]]`` (rank >= 1,
+    0 <= seed < 2**64, at most 20 digits each; alpha a plain decimal of at most 9+9 digits);
+    None when ``source`` is malformed."""
+    parts = source.split(":")
+    if not 3 <= len(parts) <= 5 or not (_digits(parts[1], 20) and _digits(parts[2], 20)):
+        return None
+    if len(parts) >= 4:
+        whole, dot, frac = parts[3].partition(".")
+        if not _digits(whole, 9) or (dot and not _digits(frac, 9)):
+            return None
+    if len(parts) == 5 and parts[4] != "rs":
+        return None
+    rank, seed = int(parts[1]), int(parts[2])
+    return rank if rank >= 1 and seed < 1 << 64 else None
+
+
 def _pin_feasible(m: ReferenceModel, name: str) -> str:
     """Why pinning ``name`` now must fail, or "" when it succeeds (P-1 pins; a slot to load into)."""
     p = m.cfg.max_loras_per_batch
@@ -204,17 +223,12 @@ def _load(m: ReferenceModel, op: Any) -> Expect:
         return reject(ADP, f"pinned={pinned!r} is not a bool")
     verdict, errors, rank = "either", ADAPTER_ERRORS, None
     if source == "gen" or source.startswith("gen:"):
-        # the documented grammar gen:<rank>:<seed>, rank >= 1, 0 <= seed < 2**64 (<= 20 digits
-        # each); another gen: shape may be a newer generated source, so it stays open
-        parts = source.split(":")
-        errors = frozenset({"AdapterConfigError", "AdapterRankError"})
-        if len(parts) == 3 and all(p.isdecimal() and len(p) <= 20 for p in parts[1:]):
-            rank, seed = int(parts[1]), int(parts[2])
-            if rank < 1 or seed >= 1 << 64:
-                return reject(frozenset({"AdapterConfigError"}), f"{source}: rank < 1 or seed >= 2**64")
-            if rank > m.cfg.max_lora_rank:
-                return reject(frozenset({"AdapterRankError"}), f"{source}: rank {rank} > max_lora_rank")
-            verdict, errors = "accept", frozenset()
+        rank = _gen_rank(source)
+        if rank is None:
+            return reject(frozenset({"AdapterConfigError"}), f"malformed generated source {source!r}")
+        if rank > m.cfg.max_lora_rank:
+            return reject(frozenset({"AdapterRankError"}), f"{source}: rank {rank} > max_lora_rank")
+        verdict, errors = "accept", frozenset()
     must: tuple[E.Event | str, ...] = ()
     allowed = BACKGROUND
     if pinned:

@@ -41,10 +41,13 @@ SCRIPT: list[tuple[O.Op, str]] = [
     (O.LoadAdapter("b", "gen:x:2"), "AdapterConfigError"),
     (O.LoadAdapter("b", "gen:0:2"), "AdapterConfigError"),
     (O.LoadAdapter("b", "gen:99:2"), "AdapterRankError"),
+    (O.LoadAdapter("b", "gen:2:2:x"), "AdapterConfigError"),
+    (O.LoadAdapter("b", "gen:2:2:1:rsx"), "AdapterConfigError"),
+    (O.LoadAdapter("b", "gen:2:18446744073709551616"), "AdapterConfigError"),
     (O.LoadAdapter("b", "/nonexistent/adapter/dir"), "AdapterNotFoundError"),
     (O.LoadAdapter("b", "gen:2:2", True), "ok"),  # pinned: loaded into a slot at once
     (O.LoadAdapter("c", "gen:2:3", True), "AdapterError"),  # a second pin > P - 1 = 1
-    (O.LoadAdapter("c", "gen:2:3"), "ok"),
+    (O.LoadAdapter("c", "gen:2:3:4.5:rs"), "ok"),
     (O.PinAdapter("b"), "AdapterError"),  # already pinned
     (O.PinAdapter("zz"), "AdapterNotFoundError"),
     (O.PinAdapter(3), "AdapterNotFoundError"),  # type: ignore[arg-type]
@@ -135,8 +138,21 @@ def test_either_only_where_the_model_cannot_know() -> None:
     m = ReferenceModel(CFG, vocab_size=VOCAB, max_context_len=CONTEXT)
     assert predict(m, O.AddRequest("r", (1,), None, 1)).verdict == "accept"
     assert predict(m, O.LoadAdapter("d", "/some/peft/dir")).verdict == "either"
-    assert predict(m, O.LoadAdapter("d", "gen:4:1:8:rs")).verdict == "either"  # a newer gen: shape
-    assert predict(m, O.LoadAdapter("d", "gen:4:1")).verdict == "accept"
+    for ok in ("gen:4:1", "gen:4:1:8", "gen:4:1:0.5:rs", "gen:4:18446744073709551615"):
+        assert predict(m, O.LoadAdapter("d", ok)).verdict == "accept", ok
+    for bad in (
+        "gen",
+        "gen:",
+        "gen:4",
+        "gen:0:1",
+        "gen:4:-1",
+        "gen:4:1:x",
+        "gen:4:1:1.:rs",
+        "gen:4:1:1:r",
+        "gen:4:1:1:rs:",
+    ):
+        want = predict(m, O.LoadAdapter("d", bad))
+        assert (want.verdict, want.errors) == ("reject", {"AdapterConfigError"}), bad
 
 
 # -- hand-made streams that break an obligation ----------------------------------------------
