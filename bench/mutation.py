@@ -31,10 +31,17 @@ when the fast run stays clean. Outcomes:
 * **not reached** — the mutation point is in code the clean fuzz run never executes. This is
   *shown*, not assumed: the unmutated copy is fuzzed once under ``coverage`` with the very same
   command (same seed, same budget); a campaign is deterministic in its seed (Hypothesis
-  ``seed``, no database, the runtime reads only a simulated clock), so a mutant whose enclosing
-  statement never executed in that run behaves exactly like the clean code and cannot be
-  killed. Such mutants are not run and are reported as their own category (they are blind
-  spots of the generators, not equivalent mutants).
+  ``seed``, no database, the runtime reads only a simulated clock), so a mutant none of whose
+  lines (from the first line of its enclosing statement to the mutation's end) executed in
+  that run behaves exactly like the clean code and cannot be killed. Such mutants are not run
+  and are reported as their own category: blind spots of the generators (or dead code), not
+  equivalent mutants. ``--run-unreached`` runs them anyway and reports any that is not clean
+  (``unreached_refuted`` in the JSON; it has always been empty so far).
+
+A kill needs no shrunk trace: when the CLI under test has ``--no-shrink`` it is passed;
+without it the default timeout allows for Hypothesis shrinking (which took 110 s of one kill).
+A survivor whose op count differs from the clean run's is hinted "behaviour changed": it did
+change what the engine did, so it cannot be equivalent.
 
 Score = killed (all three kinds) / (run mutants − equivalent), where *equivalent* is the number
 of mutants whose verdict (``--verdicts FILE``) starts with ``equivalent``. The survivors, time-outs
