@@ -98,7 +98,8 @@ _STMT_TYPES = frozenset(
     }
 )
 KILLED = ("killed", "killed (crash)", "killed (import)")
-STATUSES = (*KILLED, "survived", "timed out", "not reached")
+# "invalid": the mutant could not be made or judged (a bug of this bench; never seen): not scored
+STATUSES = (*KILLED, "survived", "timed out", "not reached", "invalid")
 # cosmic-ray's ExceptionReplacer writes this name into ``except`` clauses; cosmic-ray defines the
 # class in its own package, so the mutant's interpreter gets it as a builtin (sitecustomize)
 _SITECUSTOMIZE = (
@@ -447,6 +448,7 @@ def score(results: Iterable[MutantResult], verdicts: dict[str, str]) -> dict[str
     rs = list(results)
     counts = Counter(r.status for r in rs)
     killed = sum(counts[k] for k in KILLED)
+    rs = [r for r in rs if r.status != "invalid"]
     ran = [r for r in rs if r.status != "not reached"]
     eq_run = sum(1 for r in ran if is_equivalent(verdicts.get(r.id)))
     eq_all = sum(1 for r in rs if is_equivalent(verdicts.get(r.id)))
@@ -484,7 +486,7 @@ def render_files(results: Sequence[MutantResult]) -> str:
     by: dict[str, Counter[str]] = {}
     for r in results:
         by.setdefault(r.path, Counter())[r.status] += 1
-    head = ["file", "sampled", "killed", "crash", "import", "survived", "timeout", "not reached"]
+    head = ["file", "sampled", "killed", "crash", "import", "survived", "timeout", "not reached", "invalid"]
     rows = [[f, sum(c.values()), *(c[s] for s in STATUSES)] for f, c in sorted(by.items())]
     return common.table(head, rows)
 
@@ -615,8 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.run_unreached:
                     to_run.append(pt)
                     continue
-                before, after = before_after(sources[pt.path], mutate(sources[pt.path], pt))
                 op = pt.operator.split("/", 1)[-1]
+                try:
+                    before, after = before_after(sources[pt.path], mutate(sources[pt.path], pt))
+                except ValueError as e:
+                    results.append(MutantResult(pt.id, pt.path, pt.line, op, "?", "?", "invalid", detail=str(e)))
+                    continue
                 results.append(MutantResult(pt.id, pt.path, pt.line, op, before, after, status="not reached"))
             else:
                 to_run.append(pt)
@@ -628,7 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = [0]
 
         def one(pt: MutationPoint) -> MutantResult:
-            r = judge(pt, sources[pt.path], base, work, s, timeout)
+            try:
+                r = judge(pt, sources[pt.path], base, work, s, timeout)
+            except Exception as e:  # one bad mutant must not lose an hour-long run
+                op = pt.operator.split("/", 1)[-1]
+                r = MutantResult(pt.id, pt.path, pt.line, op, "?", "?", status="invalid", detail=repr(e)[:300])
             with lock:
                 done[0] += 1
                 log(
