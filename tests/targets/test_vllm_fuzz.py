@@ -1,0 +1,38 @@
+"""The target campaign (``lorainv fuzz --target vllm``): clean on vLLM with one path per
+adapter load, and it finds, shrinks and saves a planted cross-adapter prefix hit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from lorainv.targets.fuzz import COUNTERS, coverage, run_target_campaign
+from lorainv.trace import load
+
+
+def test_campaign_runs_clean_and_counts_coverage(tmp_path: Path) -> None:
+    res = run_target_campaign(
+        "vllm", max_examples=12, seed=1, target_kw={"reload_paths": "versioned"}, save_dir=tmp_path
+    )
+    assert not res.found, res.message
+    assert res.stats.examples >= 12 and res.stats.ops > 100
+    cov = coverage(res.stats)
+    assert set(cov["counters"]) == set(COUNTERS)
+    assert cov["counters"]["chunked_prefill"] > 0 and cov["events"].get("Decoded", 0) > 0
+
+
+def test_campaign_finds_a_planted_cross_adapter_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    monkeypatch.setattr(kcu, "_gen_lora_extra_hash_keys", lambda request: [])
+    res = run_target_campaign(
+        "vllm", max_examples=200, seed=0, target_kw={"reload_paths": "versioned"}, save_dir=tmp_path
+    )
+    assert res.found and res.trace is not None and res.trace_path is not None
+    assert res.trace.expect == {"pool": "vllm_blocks", "invariant": "VB4"}
+    saved = load(res.trace_path)
+    assert saved.meta["target"] == "vllm" and saved.ops == res.trace.ops
+    assert len(saved.ops) <= 12  # shrunk
