@@ -231,7 +231,10 @@ class LorainvMachine(RuleBasedStateMachine):
 
     # -- lockstep -------------------------------------------------------------------------
     def _apply(self, op: O.Op, variant: str) -> list[E.Event]:
+        """Apply ``op`` in lockstep and count it as ``variant``; a no-op after a violation."""
         assert self.h is not None
+        if self.failed:
+            return []
         before = self._signature()
         pre = self._pre_rare(op)
         rec = self.h.apply(op)
@@ -374,10 +377,10 @@ class LorainvMachine(RuleBasedStateMachine):
         self, prompt: tuple[int, ...], adapter: str | None, max_new: int, sid: str | None = None, variant: str = ""
     ) -> str:
         rid = self._next_rid()
-        if not variant:
-            variant = ("session-next" if self._history(sid) else "session-first") if sid is not None else "base"
-            if sid is None and adapter is not None:
-                variant = "adapter"
+        if sid is not None:
+            variant = self._turn_variant(sid, adapter)
+        elif not variant:
+            variant = "base" if adapter is None else "adapter"
         events = self._apply(O.AddRequest(rid, prompt, adapter, max_new, sid), variant)
         if events and isinstance(events[0], E.Queued):
             self.used.append(rid)
@@ -385,9 +388,16 @@ class LorainvMachine(RuleBasedStateMachine):
             del self.prompts[:-16]
         return rid
 
-    def _history(self, sid: str | None) -> bool:
-        slot = self.eng.sessions.slots.get(sid) if sid is not None else None
-        return bool(slot is not None and slot.tokens)
+    def _turn_variant(self, sid: str, adapter: str | None) -> str:
+        """The variant a turn of session ``sid`` for ``adapter`` is in the current state."""
+        slot = self.eng.sessions.slots.get(sid)
+        if slot is None:
+            return "closed-session" if sid in SESSIONS else "unknown-session"
+        if sid in self._busy_sessions():
+            return "session-busy"
+        if slot.tokens and slot.adapter != adapter:
+            return "session-other-adapter"
+        return "session-next" if slot.tokens else "session-first"
 
     def _load(self, name: str, source: str, pinned: bool, variant: str) -> None:
         events = self._apply(O.LoadAdapter(name, source, pinned), variant)
@@ -445,7 +455,10 @@ class LorainvMachine(RuleBasedStateMachine):
     @rule(rid=requests)
     def abort(self, rid: str) -> None:
         req = self.eng.requests.get(rid)
-        variant = "retired" if req is None else "live" if req.state.live else "ended"
+        if req is None:  # ended and forgotten (max_finished_requests), or never queued
+            variant = "retired" if rid in self.used else "unknown"
+        else:
+            variant = "live" if req.state.live else "ended"
         self._apply(O.Abort(rid), variant)
 
     @rule(n=st.integers(1, 3))
