@@ -56,6 +56,7 @@ Run ``python -m bench.mutation [--sample 120 --seed 0 --jobs 2]``; writes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -76,6 +77,7 @@ from typing import Any
 from bench import common
 
 NAME = "mutation"
+PROGRESS = "mutation.progress.jsonl"  # one finished mutant per line, written as the run goes
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TARGETS = ("lorainv/impl",)
 # files whose mutants also get a --numeric run (the network, the batch builder and the LoRA backends)
@@ -338,6 +340,25 @@ def run_fuzz(copy: Path, mode: str, s: Settings, timeout: float | None, prefix: 
     return rec
 
 
+def progress_key(point: MutationPoint, source: str, s: Settings) -> str:
+    """Identifies a judged mutant: the same id in the same file text, judged with the same budgets."""
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    return f"{point.id}|{digest}|{s.fast_examples}|{s.numeric_examples}|{s.fuzz_seed}|{s.no_shrink}"
+
+
+def read_progress(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished mutants of an earlier (interrupted) run by `progress_key`; a torn last line is ignored."""
+    out: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                out[rec["key"]] = rec["result"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
 def died_at_import(stderr: str) -> bool:
     """Whether a traceback ends in module-level code (a module failed to import) or a syntax error."""
     frames = re.findall(r'File "[^"]*", line \d+, in (\S+)', stderr)
@@ -548,6 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated mutant ids to run instead of a sample")
     p.add_argument("--verdicts", type=Path, default=None, help="verdicts: JSON {id: verdict}, Markdown table or text")
     p.add_argument("--no-reach", action="store_true", help="skip the coverage run; run every sampled mutant")
+    p.add_argument(
+        "--resume", action="store_true", help=f"reuse the results in OUT/{PROGRESS} of the same mutants and settings"
+    )
     p.add_argument("--run-unreached", action="store_true", help="run the not-reached mutants too, to check that claim")
     args = p.parse_args(argv)
     n = args.sample if args.sample is not None else (4 if args.quick else 120)
@@ -632,18 +656,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         lock = threading.Lock()
         done = [0]
+        progress = args.out / PROGRESS
+        old = read_progress(progress) if args.resume else {}
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            progress.write_text("")
 
         def one(pt: MutationPoint) -> MutantResult:
-            try:
-                r = judge(pt, sources[pt.path], base, work, s, timeout)
-            except Exception as e:  # one bad mutant must not lose an hour-long run
-                op = pt.operator.split("/", 1)[-1]
-                r = MutantResult(pt.id, pt.path, pt.line, op, "?", "?", status="invalid", detail=repr(e)[:300])
+            key = progress_key(pt, sources[pt.path], s)
+            resumed = key in old
+            if resumed:
+                r = MutantResult(**old[key])
+            else:
+                try:
+                    r = judge(pt, sources[pt.path], base, work, s, timeout)
+                except Exception as e:  # one bad mutant must not lose an hour-long run
+                    op = pt.operator.split("/", 1)[-1]
+                    r = MutantResult(pt.id, pt.path, pt.line, op, "?", "?", status="invalid", detail=repr(e)[:300])
             with lock:
                 done[0] += 1
+                if not resumed:
+                    with progress.open("a") as fh:
+                        fh.write(json.dumps({"key": key, "result": asdict(r)}) + "\n")
                 log(
                     f"  [{done[0]:>3}/{len(to_run)}] {r.status:<15} {r.seconds:>6.1f} s  {r.path}:{r.line} "
-                    f"{r.operator}  {r.before} -> {r.after}"
+                    f"{r.operator}  {r.before} -> {r.after}" + ("  (resumed)" if resumed else "")
                 )
             return r
 
@@ -717,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
     }
     path = common.write_json(args.out, NAME, doc)
+    (args.out / PROGRESS).unlink(missing_ok=True)  # only an interrupted run leaves it, for --resume
     per = timing.get("all_run", {})
     print(
         f"\n{len(results)} mutants in {elapsed:.0f} s (per run mutant: median {per.get('median_s', '-')} s, "

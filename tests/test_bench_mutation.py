@@ -136,3 +136,30 @@ def test_outcome_helpers(tmp_path: Path) -> None:
     assert cmd[1:5] == ["-m", "lorainv.cli", "fuzz", "--numeric"] and "2" in cmd and "--no-shrink" not in cmd
     s.no_shrink = True
     assert "--no-shrink" in mutation.fuzz_cmd("fast", s, tmp_path / "r.json")
+
+
+def test_resume_reuses_finished_mutants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted run's progress file is reused for the same mutant, file text and budgets."""
+    pt = point_at("lorainv/impl/kv_pool.py", "core/ReplaceFalseWithTrue", "self._free[pages] = False")
+    s = mutation.Settings(fast_examples=30, numeric_examples=3, fuzz_seed=0, timeout_s=None)
+    src = (ROOT / pt.path).read_text()
+    done = mutation.MutantResult(pt.id, pt.path, pt.line, "ReplaceFalseWithTrue", "a", "b", "killed", "fast", "v", "")
+    out = tmp_path / "out"
+    out.mkdir()
+    line = {"key": mutation.progress_key(pt, src, s), "result": mutation.asdict(done)}
+    (out / mutation.PROGRESS).write_text(json.dumps(line) + "\n{torn")
+    assert mutation.read_progress(out / mutation.PROGRESS) == {line["key"]: line["result"]}
+    assert mutation.progress_key(pt, src + "#", s) != line["key"]
+
+    def clean(*a: object, **k: object) -> dict[str, object]:
+        return {"mode": "fast", "outcome": "clean", "seconds": 1.0, "ops": 10}
+
+    def never(*a: object, **k: object) -> None:
+        raise AssertionError("a finished mutant was run again")
+
+    monkeypatch.setattr(mutation, "run_fuzz", clean)
+    monkeypatch.setattr(mutation, "judge", never)
+    assert mutation.main(["--quick", "--no-reach", "--resume", "--only", pt.id, "--out", str(out)]) == 0
+    doc = json.loads((out / "mutation.json").read_text())
+    assert [(r["id"], r["status"], r["detail"]) for r in doc["results"]] == [(pt.id, "killed", "v")]
+    assert not (out / mutation.PROGRESS).exists()  # a finished run leaves no progress file
