@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from lorainv.checkers.base import Checker, shown
 from lorainv.errors import Violation
@@ -245,7 +246,7 @@ class EndedHoldNothingChecker:
         return out
 
 
-VLLM_CHECKERS: dict[str, Callable[[], Checker]] = {
+VLLM_CHECKERS: dict[str, Callable[[], Any]] = {
     c.name: c
     for c in (
         BlockAccountingChecker,

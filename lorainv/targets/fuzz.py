@@ -87,7 +87,7 @@ class TargetCampaignResult:
     message: str = ""
 
 
-def make_machine(target_name: str, target_kw: dict[str, Any], stats: CampaignStats) -> type[RuleBasedStateMachine]:
+def make_machine(target_name: str, target_kw: dict[str, Any], stats: CampaignStats) -> Any:
     """A fresh machine class for ``target_name`` that records into ``stats`` (mutated)."""
 
     class TargetMachine(RuleBasedStateMachine):

@@ -155,12 +155,12 @@ class VllmTarget:
 
     def __init__(self, cfg: RuntimeConfig, *, reload_paths: str = "same") -> None:
         import torch
-        from vllm.config import CacheConfig, DeviceConfig, LoRAConfig, ModelConfig, SchedulerConfig, VllmConfig
-        from vllm.utils.hashing import sha256
-        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-        from vllm.v1.core.sched.scheduler import Scheduler
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-        from vllm.v1.structured_output import StructuredOutputManager
+        from vllm.config import CacheConfig, DeviceConfig, LoRAConfig, ModelConfig, SchedulerConfig, VllmConfig  # type: ignore[import-not-found,unused-ignore]
+        from vllm.utils.hashing import sha256  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.core.sched.scheduler import Scheduler  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.structured_output import StructuredOutputManager  # type: ignore[import-not-found,unused-ignore]
 
         from lorainv.errors import ConfigError
         from lorainv.impl.fingerprint_net import FingerprintNetwork
@@ -272,9 +272,9 @@ class VllmTarget:
             return [Rejected(op.kind, type(e).__name__, str(e))]
 
     def _op_AddRequest(self, op: AddRequest) -> list[Event]:
-        from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import SamplingParams
-        from vllm.v1.request import Request
+        from vllm.lora.request import LoRARequest  # type: ignore[import-not-found,unused-ignore]
+        from vllm.sampling_params import SamplingParams  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.request import Request  # type: ignore[import-not-found,unused-ignore]
 
         rid, prompt, m = op.rid, op.prompt, op.max_new_tokens
         if not isinstance(rid, str) or not rid or rid in self.tracked:
@@ -316,7 +316,7 @@ class VllmTarget:
         return [Queued(rid, op.adapter, len(prompt), m, op.session_id)]
 
     def _op_Abort(self, op: Abort) -> list[Event]:
-        from vllm.v1.request import RequestStatus
+        from vllm.v1.request import RequestStatus  # type: ignore[import-not-found,unused-ignore]
 
         t = self.tracked.get(op.rid) if isinstance(op.rid, str) else None
         if t is None:
@@ -367,8 +367,8 @@ class VllmTarget:
 
     # -- a step ----------------------------------------------------------------------------------
     def _op_Step(self, op: Step) -> list[Event]:
-        from vllm.v1.outputs import ModelRunnerOutput
-        from vllm.v1.request import RequestStatus
+        from vllm.v1.outputs import ModelRunnerOutput  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.request import RequestStatus  # type: ignore[import-not-found,unused-ignore]
 
         self.steps += 1
         s = self.scheduler
