@@ -22,10 +22,10 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from lorainv.config import RuntimeConfig  # noqa: E402
-from lorainv.events import BatchFormed, Decoded  # noqa: E402
+from lorainv.events import Aborted, BatchFormed, Decoded, Retracted, SessionRestored  # noqa: E402
 from lorainv.impl.adapters import parse_gen_source, write_peft_adapter  # noqa: E402
 from lorainv.impl.llama import LlamaNetwork  # noqa: E402
-from lorainv.ops import AddRequest, LoadAdapter  # noqa: E402
+from lorainv.ops import Abort, AddRequest, LoadAdapter, Op, OpenSession, Step  # noqa: E402
 from lorainv.testing.harness import Harness  # noqa: E402
 from lorainv.testing.numeric_oracle import (  # noqa: E402
     LOGIT_ATOL,
@@ -222,3 +222,41 @@ def test_a_wrong_token_is_n1(mixed: Harness) -> None:
     # N1 first; later rows of that request were computed on the real token, so N2 may follow
     assert (out[0].invariant, out[0].offenders) == ("N1", (ev.rid,))
     assert {v.offenders for v in out} == {(ev.rid,)}
+
+
+def test_a_forward_without_its_batch_event_is_n2(mixed: Harness) -> None:
+    assert mixed.recorder is not None
+    records = list(mixed.records)
+    i = next(i for i, r in enumerate(records) if any(isinstance(e, BatchFormed) for e in r.events))
+    records[i] = dataclasses.replace(
+        records[i], events=[e for e in records[i].events if not isinstance(e, BatchFormed)]
+    )
+    out = check_numerics(records, mixed.recorder.forwards, NumericOracle.for_network(mixed.recorder))
+    assert [v.invariant for v in out] == ["N2"] and "forwards" in out[0].message
+
+
+def test_engine_agrees_with_oracle_through_sessions_retractions_and_aborts() -> None:
+    """The history the check rebuilds from ops and events (a session's earlier turn, outputs
+    kept across a retraction, an abort mid-decode) is the one the engine serves."""
+    cfg = RuntimeConfig(
+        network="tiny", dtype="float64", device="cpu", max_sessions=2, page_size=2, max_total_tokens=32,
+        chunked_prefill_size=4, max_loras_per_batch=2,
+    )  # fmt: skip
+    h = Harness(cfg, numeric=True)
+    ops: list[Op] = [LoadAdapter("a", "gen:4:11"), LoadAdapter("b", "gen:2:12"), OpenSession("s")]
+    ops += [AddRequest("t1", (1, 2, 3), "a", 3, "s"), *[Step()] * 4, AddRequest("t2", (4, 5), "a", 3, "s")]
+    ops += [AddRequest(f"q{i}", tuple(range(1, 7 + i)), "b" if i % 2 else None, 6, None) for i in range(6)]
+    ops += [Step(), Step(), Step(), Abort("q1")]
+    for op in ops:
+        assert not h.apply(op).violations, op
+    assert h.finish() == []
+    events = [e for r in h.records for e in r.events]
+    assert any(isinstance(e, Retracted) and e.output_len > 0 for e in events), "no retraction kept outputs"
+    assert any(isinstance(e, SessionRestored) and e.tokens > 0 for e in events), "turn 2 did not extend turn 1"
+    assert any(isinstance(e, Aborted) and e.rid == "q1" for e in events)
+    assert h.recorder is not None
+    stats: dict[str, float] = {}
+    assert check_numerics(h.records, h.recorder.forwards, NumericOracle.for_network(h.recorder), stats) == []
+    decoded = [e for e in events if isinstance(e, Decoded)]
+    assert stats["tokens"] == len(decoded), "an emitted token went unchecked"
+    assert stats["requests"] >= len({e.rid for e in decoded})
