@@ -555,6 +555,44 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def print_report(
+    targets: str, s: Settings, results: Sequence[MutantResult], sc: dict[str, Any], verdicts: dict[str, str]
+) -> None:
+    print(
+        f"mutation — cosmic-ray operators over {', '.join(targets.split(','))}; lorainv fuzz --fast "
+        f"--max-examples {s.fast_examples} --seed {s.fuzz_seed} (+ --numeric --max-examples "
+        f"{s.numeric_examples} for {', '.join(NUMERIC_FILES)}) ({common.MACHINE_NOTE}; shared machine)\n"
+    )
+    print(render_counts(sc))
+    print("\n" + render_files(results))
+    print(f"\n{sc['formula']}.")
+    print(
+        "\nSurvivors, time-outs and not-reached mutants (fill the verdict: 'missing check: ...' or "
+        "'equivalent: ...'):\n"
+    )
+    print(survivors_markdown(results, verdicts))
+
+
+def rescore(path: Path, verdicts: dict[str, str], out: Path) -> int:
+    """Apply ``verdicts`` to the results of an earlier run (its JSON at ``path``); runs nothing.
+
+    Rewrites ``out/mutation.json`` with the new counts, keeping the run's machine facts.
+    """
+    doc = json.loads(path.read_text())
+    results = [MutantResult(**r) for r in doc["results"]]
+    st = doc["settings"]
+    s = Settings(
+        st["fast_examples"], st["numeric_examples"], st["fuzz_seed"], st["timeout_s"], st.get("no_shrink", False)
+    )
+    sc = score(results, verdicts)
+    print_report(",".join(st.get("targets", DEFAULT_TARGETS)), s, results, sc, verdicts)
+    doc.update(counts=sc, verdicts={r.id: verdicts[r.id] for r in results if r.id in verdicts})
+    doc.pop("benchmark", None)
+    written = common.write_json(out, NAME, doc)
+    print(f"\nre-scored {len(results)} mutants of {path} with {len(doc['verdicts'])} verdicts; wrote {written}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(NAME, __doc__)
     p.add_argument("--sample", type=int, default=None, help="mutants to draw (default 150, quick 4)")
@@ -574,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--resume", action="store_true", help=f"reuse the results in OUT/{PROGRESS} of the same mutants and settings"
     )
+    p.add_argument(
+        "--rescore", type=Path, default=None, help="re-score an earlier mutation.json with --verdicts; runs nothing"
+    )
     p.add_argument("--run-unreached", action="store_true", help="run the not-reached mutants too, to check that claim")
     args = p.parse_args(argv)
     n = args.sample if args.sample is not None else (4 if args.quick else 150)
@@ -586,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n < 1 or args.jobs < 1 or min(s.fast_examples, s.numeric_examples) < 1:
         p.error("--sample, --jobs and the budgets must be >= 1")
     verdicts = load_verdicts(args.verdicts) if args.verdicts else {}
+    if args.rescore is not None:
+        return rescore(args.rescore, verdicts, args.out)
     src = args.src.resolve()
     t_start = time.perf_counter()
 
@@ -710,19 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     elapsed = time.perf_counter() - t_start
     sc = score(results, verdicts)
-    print(
-        f"mutation — cosmic-ray operators over {', '.join(args.targets.split(','))}; lorainv fuzz --fast "
-        f"--max-examples {s.fast_examples} --seed {s.fuzz_seed} (+ --numeric --max-examples "
-        f"{s.numeric_examples} for {', '.join(NUMERIC_FILES)}) ({common.MACHINE_NOTE}; shared machine)\n"
-    )
-    print(render_counts(sc))
-    print("\n" + render_files(results))
-    print(f"\n{sc['formula']}.")
-    print(
-        "\nSurvivors, time-outs and not-reached mutants (fill the verdict: 'missing check: ...' or "
-        "'equivalent: ...'):\n"
-    )
-    print(survivors_markdown(results, verdicts))
+    print_report(args.targets, s, results, sc, verdicts)
     timing = _timing(results)
     doc = {
         "quick": args.quick,
@@ -741,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "only": bool(args.only),
             "reachability": bool(lines),
             "numeric_files": list(NUMERIC_FILES),
+            "targets": [t.strip() for t in args.targets.split(",") if t.strip()],
         },
         "population": {
             "files": len(files),
@@ -751,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": baseline,
         "unreached_refuted": falsified,
         "counts": sc,
+        "verdicts": {r.id: verdicts[r.id] for r in results if r.id in verdicts},
         "timing": timing,
         "elapsed_s": round(elapsed, 1),
         "results": [asdict(r) for r in results],

@@ -120,6 +120,13 @@ def test_end_to_end_kill_and_not_reached(tmp_path: Path) -> None:
     assert "clean" in got[cuda.id]["detail"] and doc["unreached_refuted"] == []
     assert doc["counts"]["score"] == 1.0 and doc["counts"]["score_with_unreached"] == 0.5
     assert doc["timing"]["all_run"]["n"] == 2 and doc["timing"]["all_run"]["median_s"] > 0
+    # verdicts filled in later re-score the saved run without running anything
+    (v := tmp_path / "verdicts.txt").write_text(f"{cuda.id} equivalent: non_blocking only matters on a GPU\n")
+    again = tmp_path / "again"
+    assert mutation.main(["--rescore", str(out / "mutation.json"), "--verdicts", str(v), "--out", str(again)]) == 0
+    redo = json.loads((again / "mutation.json").read_text())
+    assert redo["counts"]["equivalent_incl_unreached"] == 1 and redo["counts"]["score_with_unreached"] == 1.0
+    assert redo["results"] == doc["results"] and redo["machine"] == doc["machine"]
 
 
 def test_outcome_helpers(tmp_path: Path) -> None:
