@@ -47,8 +47,9 @@ Score = killed (all three kinds) / (run mutants − equivalent), where *equivale
 of mutants whose verdict (``--verdicts FILE``) starts with ``equivalent``. The survivors, time-outs
 and not-reached mutants are printed as a Markdown table with an empty verdict column, ready for
 ``bench/RESULTS.md``; a human writes ``missing check: ...`` or ``equivalent: ...`` there, and
-``--verdicts bench/RESULTS.md`` (or a JSON object ``{id: verdict}``, or ``id verdict`` lines)
-feeds the verdicts back into the score.
+``--rescore bench/results/mutation.json --verdicts bench/RESULTS.md`` (verdicts may also be a
+JSON object ``{id: verdict}`` or ``id verdict`` lines) recomputes the score without re-running.
+An interrupted run continues with ``--resume`` (same sample and budgets).
 
 Run ``python -m bench.mutation [--sample 150 --seed 0 --jobs 2]``; writes
 ``bench/results/mutation.json``. ``--quick``: 4 mutants, 30 fast / 3 numeric examples. The
