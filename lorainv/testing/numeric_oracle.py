@@ -133,7 +133,8 @@ def _pattern_value(pattern: Mapping[str, Any], module: str) -> Any | None:
 
 
 def read_peft_dir(path: str | Path) -> PeftLora:
-    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT LoRA directory.
+    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` (else ``adapter_model.bin``,
+    loaded with ``weights_only=True``) of a PEFT LoRA directory.
 
     Scaling per module: ``alpha_m / r_m`` or ``alpha_m / sqrt(r_m)`` (``use_rslora``), where
     ``r_m`` is the rank of the module's ``lora_A`` and ``alpha_m`` is ``lora_alpha`` unless an
@@ -141,7 +142,11 @@ def read_peft_dir(path: str | Path) -> PeftLora:
     """
     directory = Path(path)
     cfg = json.loads((directory / "adapter_config.json").read_text())
-    tensors = safetensors.torch.load_file(str(directory / "adapter_model.safetensors"))
+    st_file, bin_file = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
+    if st_file.exists() or not bin_file.exists():
+        tensors = safetensors.torch.load_file(str(st_file))
+    else:  # PEFT's older format; never unpickled
+        tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
     alpha = float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     alpha_pattern = cfg.get("alpha_pattern") or {}

@@ -134,6 +134,19 @@ def test_a_scaling_off_by_two_is_far_outside_the_tolerance(saved: dict[str, Any]
     assert diff > 1e-2
 
 
+def test_oracle_reads_peft_bin_files_too(saved: dict[str, Any], tmp_path: Path) -> None:
+    """PEFT's older ``adapter_model.bin`` (the engine serves it too) reads as the safetensors file."""
+    pm = saved["peft"]
+    pm.set_adapter("pat")
+    pm.save_pretrained(str(tmp_path), selected_adapters=["pat"], safe_serialization=False)
+    (binary,) = [p for p in tmp_path.rglob("adapter_model.bin")]
+    assert not (binary.parent / "adapter_model.safetensors").exists()
+    oracle = NumericOracle.for_network(saved["net"])
+    toks = _seq(7, 11)
+    diff = (oracle.logits(str(binary.parent), toks) - peft_logits(pm, "pat", toks)).abs().max().item()
+    assert diff <= LOGIT_ATOL
+
+
 def test_oracle_greedy_equals_peft_greedy(saved: dict[str, Any]) -> None:
     oracle = NumericOracle.for_network(saved["net"])
     for i, adapter in enumerate(ALL):
