@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorainv.errors import ConfigError
+from lorainv.fault_names import FAULTS
 
 EVICTION_POLICIES = ("lru", "fifo")
 DRAIN_POLICIES = ("preempt", "admission")
@@ -114,8 +115,6 @@ class RuntimeConfig:
                 object.__setattr__(self, "faults", frozenset(self.faults))
             else:
                 raise ConfigError(f"faults must be a set of fault names, got {self.faults!r}")
-        from lorainv.impl.faults import FAULTS  # local: faults imports nothing heavy
-
         unknown = sorted(f for f in self.faults if f not in FAULTS)
         if unknown:
             raise ConfigError(f"faults: unknown fault(s) {unknown}; known: {sorted(FAULTS)}")

@@ -16,14 +16,13 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from lorainv import __version__
 from lorainv.config import RuntimeConfig
-from lorainv.errors import ConfigError, TraceError, Violation
+from lorainv.errors import ConfigError, TraceError
 from lorainv.ops import Op
 
 FORMAT = 1
@@ -148,56 +147,11 @@ def trace_dir() -> Path:
     return Path(os.environ.get("LORAINV_TRACE_DIR", ".lorainv/traces"))
 
 
-@dataclass
-class ReplayResult:
-    violations: list[Violation]
-    failed_at: int | None  # index of the op that caused the first violation (None: teardown or clean)
-    records: list[Any]
+def __getattr__(name: str) -> Any:
+    """Compatibility aliases: replaying moved to `lorainv.testing.replay` (it needs the
+    harness, which the trace format must not depend on). Import it from there."""
+    if name in ("ReplayResult", "replay", "print_replay"):
+        from lorainv.testing import replay as _replay
 
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    def matches(self, expect: dict[str, str] | None) -> bool:
-        """True when the run ends as ``expect`` says: clean for None, else a violation with those fields."""
-        if expect is None:
-            return self.ok
-        return any(all(str(getattr(v, k, "")) == want for k, want in expect.items()) for v in self.violations)
-
-
-def replay(trace: Trace, *, on_record: Callable[[Any], None] | None = None) -> ReplayResult:
-    """Re-run ``trace`` on a fresh engine and model; stops at the first violation."""
-    from lorainv.testing.harness import Harness
-
-    h = Harness(trace.config, numeric=trace.numeric)
-    h.on_record = on_record
-    for i, op in enumerate(trace.ops):
-        rec = h.apply(op)
-        if rec.violations:
-            return ReplayResult(rec.violations, i, h.records)
-    return ReplayResult(h.finish(), None, h.records)
-
-
-def print_replay(trace: Trace, out: TextIO, verbose: bool = False) -> ReplayResult:
-    """Replay printing each op and its events; the first violation with its offenders."""
-    n_ops = len(trace.ops)
-
-    def show(rec: Any) -> None:
-        i = len(shown)
-        shown.append(rec)
-        tag = f"{i:>4}" if i < n_ops else "   ~"  # ~ marks the teardown drain
-        if verbose or i < n_ops or rec.violations:
-            out.write(f"{tag} {rec.op}\n")
-            for ev in rec.events:
-                out.write(f"       -> {ev}\n")
-
-    shown: list[Any] = []
-    res = replay(trace, on_record=show)
-    if res.violations:
-        where = f"op {res.failed_at}" if res.failed_at is not None else "teardown (liveness / idle leak check)"
-        out.write(f"\nFIRST VIOLATION at {where}:\n")
-        for v in res.violations:
-            out.write(f"  {v}\n")
-    else:
-        out.write(f"\nclean: {n_ops} ops, no violation\n")
-    return res
+        return getattr(_replay, name)
+    raise AttributeError(f"module 'lorainv.trace' has no attribute {name!r}")

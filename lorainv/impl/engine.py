@@ -270,11 +270,23 @@ class Engine:
         for i, (prompt, a) in enumerate(zip(checked, adapters)):
             self._check_add(AddRequest(f"r{self._seq + i}", prompt, a, max_new_tokens))
         rids = [self.add_request(p, a, max_new_tokens) for p, a in zip(checked, adapters)]
-        from lorainv.checkers.liveness import drain_to_idle
-
         bound = max_steps or 4 * sum(len(p) + max_new_tokens for p in checked) + 64
-        drain_to_idle(self, bound, raise_on_stall=True)
+        self._run_to_idle(bound)
         return [self.output(r) for r in rids]
+
+    def _run_to_idle(self, max_steps: int) -> None:
+        """Complete transfers and step until idle (mutates, through ops only); still busy after
+        ``max_steps`` steps is a stall: `InvariantViolation` (pool ``requests``, ``liveness``)."""
+        for _ in range(max_steps):
+            if self.is_idle():
+                return
+            self.apply(CompleteTransfers(None))
+            self.apply(Step())
+        if self.is_idle():
+            return
+        live = tuple(r.rid for r in self.requests.values() if r.state.live)
+        msg = f"not idle after {max_steps} steps: {len(live)} live request(s) stalled"
+        raise InvariantViolation([Violation("requests", "liveness", msg, live)])
 
     def _req(self, rid: str) -> Request:
         r = self.requests.get(rid) if isinstance(rid, str) else None
@@ -311,9 +323,7 @@ class Engine:
         self._retire(events)
         if isinstance(op, Step):
             self.history.append((self.steps, events))
-        level = self.cfg.strict_mem_check
-        if level >= 2 or (level == 1 and isinstance(op, Step) and self.is_idle()):
-            self._strict(events, op)
+        self._strict_hook(op)
         return events
 
     def _op_AddRequest(self, op: AddRequest) -> list[Event]:
@@ -646,7 +656,13 @@ class Engine:
 
         return run_checks(self.snapshot())
 
-    def _strict(self, events: list[Event], op: Op) -> None:
+    def _strict_hook(self, op: Op) -> None:
+        """The engine's one way to the checkers (``strict_mem_check``): level 2 checks every
+        pool after every op, level 1 after a step that leaves the engine idle (the leak check).
+        A violation raises `InvariantViolation` with the recent step history (level 2)."""
+        level = self.cfg.strict_mem_check
+        if not (level >= 2 or (level == 1 and isinstance(op, Step) and self.is_idle())):
+            return
         violations = self.check()
         if violations:
             recent = [f"step {n}: " + ", ".join(str(e) for e in evs) for n, evs in self.history]

@@ -13,18 +13,20 @@ Invariants (L8):
 * ``LOADED`` ⇔ mapped ∧ not tracked: "loaded" is derived from the pool mapping, never from
   the event dict alone.
 
-Mutating calls: `reap`, `reap_completed`, `start_load`, `mark_scheduled`. Pure reads (a
+Mutating calls: `reap`, `reap_completed`, `start_load`. Pure reads (a
 snapshot may call them): `status`, `is_ready`, `in_flight`, `tracked`. Events of loads reaped
 by `reap_completed` or `start_load` are queued and returned by the next `reap`, so none is
 lost: call `reap` once per engine op.
 
-Faults: ``stale_overlap_event`` (entries leave only through `mark_scheduled`, readiness is
+Faults: ``stale_overlap_event`` (a completed entry is reaped only by ``reap_completed(only=...)``,
+which the scheduler calls for an adapter whose request it has just scheduled; readiness is
 read from the event dict), ``use_before_transfer`` (`is_ready` as soon as mapped).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -75,9 +77,10 @@ class OverlapLoader:
         out, self._outbox = self._outbox, []
         return out
 
-    def reap_completed(self) -> None:
-        """Reap every completed load now; its events wait in the queue for the next `reap` (mutates)."""
-        self._reap_done()
+    def reap_completed(self, only: Collection[Uid] | None = None) -> None:
+        """Reap every completed load now, or only the loads of ``only``; their events wait in
+        the queue for the next `reap` (mutates)."""
+        self._reap_done(only)
 
     def status(self, uid: Uid) -> LoadStatus:
         """LOADING while tracked; else LOADED iff ``uid`` is mapped in the pool (pure: no reaping)."""
@@ -104,15 +107,6 @@ class OverlapLoader:
             TrackedLoad(uid, e.slot, bool(e.event.query()), bool(e.event.failed)) for uid, e in self._pending.items()
         )
 
-    def mark_scheduled(self, uid: Uid) -> None:
-        """A request of ``uid`` was scheduled. Correct runtime: nothing to do (reaping does not
-        depend on scheduling). Under ``stale_overlap_event`` this is the only place an entry
-        is removed."""
-        if self._stale:
-            entry = self._pending.get(uid)
-            if entry is not None and entry.event.query():
-                self._finish(uid)
-
     def start_load(self, uid: Uid, adapter: LoraAdapter | None, protected: Any) -> list[Event] | None:
         """Reaps, then loads ``uid`` into a free slot or a victim outside ``protected`` and the
         loads in flight, on the side stream. None when there is no room (nothing changed)."""
@@ -126,10 +120,10 @@ class OverlapLoader:
         self._pending[uid] = _Entry(choice[0], self.device.record_event(self.stream))
         return events
 
-    def _reap_done(self) -> None:
-        if self._stale:
-            return
-        for uid in [u for u, e in self._pending.items() if e.event.query()]:
+    def _reap_done(self, only: Collection[Uid] | None = None) -> None:
+        if self._stale and only is None:
+            return  # the historic bug: an entry left only when a request of its adapter was scheduled
+        for uid in [u for u, e in self._pending.items() if e.event.query() and (only is None or u in only)]:
             self._finish(uid)
 
     def _finish(self, uid: Uid) -> None:

@@ -320,8 +320,8 @@ class Scheduler:
                 ev.extend(e for e in bind_ev if isinstance(e, CacheEvicted))
                 break
             ev.extend(bind_ev)
-            if self.loader is not None:
-                self.loader.mark_scheduled(req.adapter)
+            if self.loader is not None and faults.on(self.cfg, "stale_overlap_event"):
+                self.loader.reap_completed(only=(req.adapter,))  # the historic bug's only reaping
             self.waiting.remove(req)
             req.admitted_output, req.admitted_at = len(req.output), self.clock.now()
             ev.extend(self.drainer.end_reservation(req.adapter, "admitted"))

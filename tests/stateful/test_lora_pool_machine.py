@@ -126,7 +126,6 @@ class LoraPoolMachine(RuleBasedStateMachine):
         self.reap()
         uid = data.draw(st.sampled_from(by_name(self.mapped())), label="uid")
         if self.loader.is_ready(uid):
-            self.loader.mark_scheduled(uid)
             self.pool.touch([uid])
         self.reap()
 

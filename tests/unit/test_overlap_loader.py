@@ -67,7 +67,7 @@ def test_in_flight_slots_are_never_victims():
 
 def cancelled_load_scenario(pool: LoraPool, loader: OverlapLoader, dev: SimDevice):
     """``a`` runs in slot 0; ``x`` starts loading into slot 1, then all of x's requests are
-    cancelled: nothing ever calls ``mark_scheduled("x")``. Its transfers complete."""
+    cancelled: no request of x is ever scheduled. Its transfers complete."""
     pool.prepare_batch({"a"}, REG)
     assert loader.start_load("x", REG["x"], protected={"a"}) == [LoadStarted(adapter="x", slot=1, overlap=True)]
     dev.complete_all()
@@ -93,19 +93,21 @@ def test_fault_stale_overlap_event_keeps_slot_busy_forever():
         assert loader.in_flight() == {"x"}  # the event is done, yet the entry is never removed
         assert loader.start_load("y", REG["y"], protected={"a"}) is None  # stuck: no slot, ever
     assert loader.tracked() == (TrackedLoad("x", 1, True, False),)
-    # only scheduling a request of x would have removed the entry
-    loader.mark_scheduled("x")
+    # only scheduling a request of x would have removed the entry (the scheduler reaps just x then)
+    loader.reap_completed(only={"x"})
     assert loader.reap() == [LoadCompleted(adapter="x", slot=1)] and loader.in_flight() == set()
 
 
-def test_mark_scheduled_is_a_noop_without_the_fault():
+def test_reap_completed_only_some_adapters():
     _, loader, dev = make()
     loader.start_load("x", REG["x"], protected=set())
-    loader.mark_scheduled("x")
-    assert loader.in_flight() == {"x"}
+    loader.start_load("y", REG["y"], protected=set())
+    loader.reap_completed(only={"x"})
+    assert loader.in_flight() == {"x", "y"}  # nothing completed yet
     dev.complete_all()
-    loader.mark_scheduled("x")
-    assert loader.reap() == [LoadCompleted(adapter="x", slot=0)]
+    loader.reap_completed(only={"y"})
+    assert loader.in_flight() == {"x"}
+    assert loader.reap() == [LoadCompleted(adapter="y", slot=1), LoadCompleted(adapter="x", slot=0)]
 
 
 def test_slot_reads_poison_before_the_wait():
