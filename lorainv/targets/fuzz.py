@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from lorainv.config import RuntimeConfig
 from lorainv.errors import Violation
-from lorainv.events import Aborted, PrefixHit, Rejected, Retracted, Scheduled
+from lorainv.events import Aborted, Finished, PrefixHit, Queued, Rejected, Retracted, Scheduled
 from lorainv.ops import Abort, AddRequest, LoadAdapter, Op, Step, UnloadAdapter
 from lorainv.targets.base import make_target
 from lorainv.targets.drive import TargetRun
@@ -101,6 +101,7 @@ def make_machine(target_name: str, target_kw: dict[str, Any], stats: CampaignSta
             self.n = 0
             self.sources: dict[str, str] = {}  # registered adapter -> its weights
             self.seen: dict[tuple[int, ...], set[tuple[str | None, str | None]]] = {}
+            self.live: set[str] = set()  # queued and not yet finished or aborted, from the events
             stats.examples += 1
 
         @initialize(cfg=configs())
@@ -116,6 +117,10 @@ def make_machine(target_name: str, target_kw: dict[str, Any], stats: CampaignSta
             stats.ops += 1
             for ev in rec.events:
                 stats.events[ev.kind] += 1
+                if isinstance(ev, Queued):
+                    self.live.add(ev.rid)
+                elif isinstance(ev, (Finished, Aborted)):
+                    self.live.discard(ev.rid)
                 self._count(op, ev)
             if rec.events and isinstance(rec.events[0], Rejected):
                 stats.rejected[op.kind] += 1
@@ -227,10 +232,15 @@ def make_machine(target_name: str, target_kw: dict[str, Any], stats: CampaignSta
             before.add(me)
 
         @precondition(lambda self: "Abort" in self.ops_allowed and self.n > 0)
-        @rule(k=st.integers(0, 1 << 16))
-        def abort(self, k: int) -> None:
-            """Abort a request, most likely a recent one (those are still live)."""
-            self._do(Abort(f"r{max(self.n - 1 - k % 4, 0) if k % 5 else k % self.n}"))
+        @rule(data=st.data(), any_rid=st.integers(0, 9))
+        def abort(self, data: Any, any_rid: int) -> None:
+            """Abort a live request (3 in 10), any request ever queued (1 in 10), else step: aborts
+            as often as steps would end most requests before they run."""
+            if any_rid > 3:
+                self._do(Step())
+                return
+            pool = sorted(self.live) if self.live and any_rid else [f"r{i}" for i in range(self.n)]
+            self._do(Abort(data.draw(st.sampled_from(pool))))
 
         @precondition(lambda self: "Step" in self.ops_allowed)
         @rule(n=st.integers(1, 4))
