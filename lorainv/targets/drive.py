@@ -90,3 +90,33 @@ class TargetRun:
 def _live(target: Any) -> list[Any]:
     tracked = getattr(target, "tracked", {})
     return [r for r in tracked.values() if r.state in ("waiting", "prefilling", "decoding")]
+
+
+def trace_target(trace: Any) -> tuple[str, dict[str, Any]]:
+    """The target a trace ran on and its constructor options: the trace's ``target`` field
+    (``meta["target"]`` in traces written before it existed; "lorainv" when neither says)."""
+    meta = getattr(trace, "meta", {}) or {}
+    name = getattr(trace, "target", None) or meta.get("target") or "lorainv"
+    opts = meta.get("target_options") or {}
+    return str(name), dict(opts) if isinstance(opts, dict) else {}
+
+
+def replay_on_target(trace: Any, on_record: Any = None) -> tuple[list[Violation], int | None, list[RunRecord]]:
+    """Re-run ``trace`` on a fresh target of its kind through `TargetRun`, stopping at the first
+    violation: (violations, index of the op that caused them or None, records)."""
+    from lorainv.targets.base import make_target
+
+    name, opts = trace_target(trace)
+    run = TargetRun(make_target(name, trace.config, **opts))
+    for i, op in enumerate(trace.ops):
+        rec = run.apply(op)
+        if on_record is not None:
+            on_record(rec)
+        if rec.violations:
+            return rec.violations, i, run.records
+    n = len(run.records)
+    found = run.finish()
+    if on_record is not None:
+        for rec in run.records[n:]:
+            on_record(rec)
+    return found, None, run.records

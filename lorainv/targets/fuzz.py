@@ -314,3 +314,81 @@ def coverage(stats: CampaignStats) -> dict[str, Any]:
         "rejected": dict(stats.rejected),
         "never_reached": [k for k in COUNTERS if not stats.counters.get(k)],
     }
+
+
+def parse_target_options(items: list[str] | None) -> dict[str, Any]:
+    """``["reload_paths=versioned", ...]`` -> keyword arguments of the target's constructor
+    (values stay strings; ``true``/``false`` and integers are converted)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            from lorainv.errors import ConfigError
+
+            raise ConfigError(f"--target-option expects KEY=VALUE, got {item!r}")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        elif raw.lstrip("-").isdigit():
+            value = int(raw)
+        out[key] = value
+    return out
+
+
+def cmd_fuzz_target(a: Any, out: Any) -> int:
+    """``lorainv fuzz --target NAME`` for a target other than lorainv's engine: the campaign of
+    this module for ``--minutes`` (default 0.75) or ``--max-examples``; prints a summary and the
+    coverage counters, writes ``--json``; exit 1 with the shrunk trace when a checker fires."""
+    import json
+
+    from lorainv.targets.base import make_target
+
+    kw = parse_target_options(getattr(a, "target_option", None))
+    make_target(a.target, RuntimeConfig(network="dummy"), **kw)  # a bad name or option fails before the run
+    minutes = a.minutes if a.minutes is not None else (0.75 if a.max_examples is None else None)
+    limit = a.max_examples if a.max_examples is not None else 10**9
+    out.write(f"lorainv fuzz: target {a.target} {kw or ''}, seed {a.seed}\n")
+    res = run_target_campaign(
+        a.target, max_examples=limit, seconds=None if minutes is None else 60 * minutes, seed=a.seed, target_kw=kw
+    )
+    cov = coverage(res.stats)
+    dt = max(res.seconds, 1e-9)
+    rows = [
+        ("examples", res.stats.examples),
+        ("ops", res.stats.ops),
+        ("ops/s", f"{res.stats.ops / dt:.0f}"),
+        ("wall time", f"{res.seconds:.1f}s"),
+        ("violations", int(res.found)),
+    ]
+    out.write("\n  summary\n  " + "-" * 32 + "\n")
+    for k, v in rows:
+        out.write(f"  {k:<18}{v:>14}\n")
+    out.write("\n  coverage\n  " + "-" * 32 + "\n")
+    for k, v in cov["counters"].items():
+        out.write(f"  {k:<32}{v:>6}\n")
+    if cov["never_reached"]:
+        out.write(f"  never reached: {', '.join(cov['never_reached'])}\n")
+    report: dict[str, Any] = {
+        "target": a.target,
+        "target_options": kw,
+        "seed": a.seed,
+        "examples": res.stats.examples,
+        "ops": res.stats.ops,
+        "ops_per_s": res.stats.ops / dt,
+        "seconds": res.seconds,
+        "violations": int(res.found),
+        "coverage": cov,
+    }
+    if res.found and res.trace is not None:
+        report.update(
+            violation=res.message, expect=res.trace.expect, trace=res.trace_path, trace_ops=len(res.trace.ops)
+        )
+        out.write(f"\nVIOLATION ({res.trace.expect}): {res.message}\n")
+        out.write(f"shrunk trace: {len(res.trace.ops)} ops -> {res.trace_path}\n")
+        out.write(f"replay with:  lorainv replay {res.trace_path}\n")
+    else:
+        out.write("\nclean: no violation found\n")
+    if getattr(a, "json", None):
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 1 if res.found else 0

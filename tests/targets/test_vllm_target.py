@@ -3,6 +3,8 @@ a short Hypothesis run. Skipped where vLLM is not installed (ci/install-vllm.sh 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -364,3 +366,23 @@ def test_the_model_refuses_a_target_that_reports_a_token_too_many() -> None:
     for op in (AddRequest("r0", PROMPT, None, 1), Step()):
         found += r.apply(op).violations
     assert any(v.pool == "model" and v.invariant == "refinement" for v in found)
+
+
+VLLM_TRACES = sorted((Path(__file__).parent.parent / "regressions" / "vllm").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", VLLM_TRACES, ids=lambda p: p.stem)
+def test_vllm_regression_traces_replay_as_expected(path: Path) -> None:
+    """Every trace under tests/regressions/vllm/ ends as its ``expect`` says, and its analysis
+    (the .md of the same name) exists."""
+    from lorainv.targets.drive import replay_on_target, trace_target
+    from lorainv.trace import load
+
+    trace = load(path)
+    assert trace_target(trace)[0] == "vllm"
+    found, _, _ = replay_on_target(trace)
+    if trace.expect is None:
+        assert not found, found
+    else:
+        assert any(v.pool == trace.expect["pool"] and v.invariant == trace.expect["invariant"] for v in found)
+    assert path.with_suffix(".md").exists()
