@@ -397,9 +397,10 @@ class VllmTarget:
             t = self.tracked[rid]
             req = t.req
             start = req.num_computed_tokens - n
-            if t.state == "waiting" and start > 0:
-                t.prefix_hit = start
-                ev.append(PrefixHit(rid, start, "cache"))
+            if t.state == "waiting":
+                t.prefix_hit = start  # the blocks it did not compute itself at this admission
+                if start > 0:
+                    ev.append(PrefixHit(rid, start, "cache"))
             done = req.num_computed_tokens >= req.num_tokens
             if t.state == "decoding":
                 decode.append(rid)
@@ -457,21 +458,20 @@ class VllmTarget:
         return names, runs
 
     def _note_provenance(self, sched: list[tuple[str, int]]) -> None:
-        """Record who filled each newly hashed block: vLLM hashes a block in ``schedule()``,
-        when the request that computes it allocates it, so a block not yet recorded (or
-        recorded under another hash) belongs to the scheduled request holding it now."""
+        """Record who filled each hashed block. vLLM hashes a block in ``schedule()``, when
+        the request computing it allocates it. A scheduled request computed every block past
+        the prefix hit of its latest admission (vLLM's own ``num_computed_tokens`` then), so
+        those are recorded as its own -- also a cached block that was evicted and refilled
+        with the same hash; the hit blocks keep the record of whoever filled them."""
         bs = self.block_size
         for rid, _ in sched:
             t = self.tracked[rid]
+            own_from = t.prefix_hit // bs
             for i, b in enumerate(self.blocks_of(rid)):
-                blk = self.kv.block_pool.blocks[b]
-                h = blk.block_hash
-                if h is None:
-                    continue
-                known = self.provenance.get(b)
-                if known is None or known[0] != h:
-                    tokens = tuple(t.req.all_token_ids[: (i + 1) * bs])
-                    self.provenance[b] = (h, t.source, t.salt, tokens)
+                h = self.kv.block_pool.blocks[b].block_hash
+                if h is None or i < own_from:
+                    continue  # a hit keeps its filler's record (none: the checker reports it)
+                self.provenance[b] = (h, t.source, t.salt, tuple(t.req.all_token_ids[: (i + 1) * bs]))
 
     def blocks_of(self, rid: str) -> list[int]:
         """The block ids vLLM's manager holds for ``rid`` (empty if none); a pure read."""
