@@ -94,10 +94,15 @@ def target_names() -> list[str]:
 
 def make_target(name: str, cfg: RuntimeConfig, **kw: Any) -> Target:
     """Build the target registered as ``name`` for ``cfg`` (keyword arguments go to its
-    constructor). An unknown name is a `ConfigError` listing the known ones."""
+    constructor). An unknown name or option is a `ConfigError` (the known names listed)."""
     from lorainv.errors import ConfigError
 
     factory = TARGETS.get(name) if isinstance(name, str) else None
     if factory is None:
         raise ConfigError(f"unknown target {name!r}; known: {target_names()}")
-    return factory(cfg, **kw)
+    try:
+        return factory(cfg, **kw)
+    except TypeError as e:  # an option the target's constructor does not take
+        if kw and "argument" in str(e):
+            raise ConfigError(f"target {name!r}: bad option(s) {sorted(kw)}: {e}") from None
+        raise

@@ -55,3 +55,8 @@ def test_target_run_drives_the_lorainv_target_clean() -> None:
     r = TargetRun(make_target("lorainv", CFG))
     found = [v for op in OPS_SCRIPT for v in r.apply(op).violations]
     assert not found and not r.finish()
+
+
+def test_an_unknown_target_option_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="bad option"):
+        make_target("lorainv", CFG, colour="blue")

@@ -36,3 +36,36 @@ def test_campaign_finds_a_planted_cross_adapter_hit(tmp_path: Path, monkeypatch:
     saved = load(res.trace_path)
     assert saved.meta["target"] == "vllm" and saved.ops == res.trace.ops
     assert len(saved.ops) <= 12  # shrunk
+
+
+def test_fuzz_report_for_a_target(tmp_path: Path) -> None:
+    import argparse
+    import io
+    import json
+
+    from lorainv.targets.fuzz import cmd_fuzz_target
+
+    a = argparse.Namespace(
+        target="vllm",
+        target_option=["reload_paths=versioned"],
+        minutes=None,
+        max_examples=5,
+        seed=3,
+        json=str(tmp_path / "r.json"),
+    )
+    out = io.StringIO()
+    assert cmd_fuzz_target(a, out) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"] == "vllm" and report["target_options"] == {"reload_paths": "versioned"}
+    assert report["violations"] == 0 and report["examples"] >= 5
+    assert set(report["coverage"]["counters"]) == set(COUNTERS)
+    assert "clean: no violation found" in out.getvalue()
+
+
+def test_bad_target_options_are_config_errors() -> None:
+    from lorainv.errors import ConfigError
+    from lorainv.targets.fuzz import parse_target_options
+
+    assert parse_target_options(["reload_paths=same", "x=3", "y=true"]) == {"reload_paths": "same", "x": 3, "y": True}
+    with pytest.raises(ConfigError):
+        parse_target_options(["novalue"])
