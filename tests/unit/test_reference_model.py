@@ -537,3 +537,31 @@ def test_model_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- the model's own rules (not the runtime's formulas) -------------------------------------
+
+
+def test_model_retires_the_oldest_ended_requests() -> None:
+    """With ``max_finished_requests=2`` the model keeps the two most recently ended requests,
+    in the order they ended (not the order they arrived); live ones are never retired."""
+    m = ReferenceModel(CFG.replace(max_finished_requests=2))
+    queued = [E.Queued(f"r{i}", None, 2, 1) for i in range(4)]
+    assert m.observe_events([*queued, E.Aborted("r2", "waiting"), E.Aborted("r0", "waiting")]) == []
+    assert set(m.s.reqs) == {"r0", "r1", "r2", "r3"}
+    assert m.observe_events([E.Aborted("r3", "waiting")]) == []
+    assert set(m.s.reqs) == {"r0", "r1", "r3"}  # r2 ended first, so it goes first
+    assert m.observe_events([E.Aborted("r1", "waiting")]) == []
+    assert set(m.s.reqs) == {"r3", "r1"}
+    assert m.observe_events([E.Queued("r0", None, 2, 1)]) != [], "a retired id is never reused"
+
+
+def test_model_starving_adapter_rule() -> None:
+    """An adapter starves when all its live requests wait (one at least) and it does not load."""
+    m = ReferenceModel(CFG)
+    assert m.observe_events(DRAINING) == []
+    assert m._hungry("c") and not m._hungry("a") and not m._hungry("b") and not m._hungry(None)
+    assert m.observe_events([E.Queued("ra2", "a", 2, 4)]) == []
+    assert not m._hungry("a"), "a waiting request of a running adapter does not starve it"
+    assert m.observe_events([E.Aborted("rc", "waiting")]) == []
+    assert not m._hungry("c"), "nothing of c waits any more"
