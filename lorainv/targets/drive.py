@@ -96,7 +96,8 @@ def trace_target(trace: Any) -> tuple[str, dict[str, Any]]:
     """The target a trace ran on and its constructor options: the trace's ``target`` field
     (``meta["target"]`` in traces written before it existed; "lorainv" when neither says)."""
     meta = getattr(trace, "meta", {}) or {}
-    name = getattr(trace, "target", None) or meta.get("target") or "lorainv"
+    field = getattr(trace, "target", None)
+    name = field if field and field != "lorainv" else meta.get("target") or "lorainv"
     opts = meta.get("target_options") or {}
     return str(name), dict(opts) if isinstance(opts, dict) else {}
 

@@ -11,6 +11,7 @@ salts), adapters are reloaded under the same name with other weights, KV caches 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -169,6 +170,8 @@ def make_machine(target_name: str, target_kw: dict[str, Any], stats: CampaignSta
                 expect={"pool": v.pool, "invariant": v.invariant},
                 meta={"target": target_name, "target_options": dict(target_kw), "message": str(v)},
             )
+            if "target" in {f.name for f in dataclasses.fields(Trace)}:  # traces record their target
+                trace = dataclasses.replace(trace, target=target_name)
             type(self).last_failure = trace
             type(self).last_message = str(v)
             raise AssertionError(str(v))
@@ -347,7 +350,8 @@ def cmd_fuzz_target(a: Any, out: Any) -> int:
     make_target(a.target, RuntimeConfig(network="dummy"), **kw)  # a bad name or option fails before the run
     minutes = a.minutes if a.minutes is not None else (0.75 if a.max_examples is None else None)
     limit = a.max_examples if a.max_examples is not None else 10**9
-    out.write(f"lorainv fuzz: target {a.target} {kw or ''}, seed {a.seed}\n")
+    opts = "".join(f" {k}={v}" for k, v in kw.items())
+    out.write(f"lorainv fuzz: target {a.target}{opts}, seed {a.seed}\n")
     res = run_target_campaign(
         a.target, max_examples=limit, seconds=None if minutes is None else 60 * minutes, seed=a.seed, target_kw=kw
     )
