@@ -396,3 +396,12 @@ def cmd_fuzz_target(a: Any, out: Any) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 1 if res.found else 0
+
+
+def target_machine(target_name: str, **target_kw: Any) -> Any:
+    """The campaign's machine for ``target_name`` as a pytest test case, like lorainv's
+    machine: ``TestVllm = target_machine("vllm").TestCase`` (stats are kept on ``.stats``)."""
+    stats = CampaignStats()
+    machine = make_machine(target_name, target_kw, stats)
+    machine.stats = stats
+    return machine

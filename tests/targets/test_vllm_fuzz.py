@@ -69,3 +69,18 @@ def test_bad_target_options_are_config_errors() -> None:
     assert parse_target_options(["reload_paths=same", "x=3", "y=true"]) == {"reload_paths": "same", "x": 3, "y": True}
     with pytest.raises(ConfigError):
         parse_target_options(["novalue"])
+
+
+def _machine_case() -> type:
+    from hypothesis import HealthCheck, settings
+
+    from lorainv.targets.fuzz import target_machine
+
+    case = target_machine("vllm", reload_paths="versioned").TestCase
+    case.settings = settings(
+        max_examples=5, stateful_step_count=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    return case
+
+
+TestVllmMachine = _machine_case()
