@@ -111,8 +111,9 @@ class RefCountChecker:
 class PrefixProvenanceChecker:
     """VB4: a hashed block a live request holds at position ``i`` was filled under the same
     adapter weights, the same cache salt and the same tokens ``0 .. (i+1)*block_size`` as
-    that request's own: a prefix hit never crosses adapters, weights or salts. Also every
-    cached-map entry points at a block carrying that hash.
+    that request's own: a prefix hit never crosses adapters, weights or salts. VB5: the
+    prefix-cache map and the blocks' own hashes agree both ways (an entry's block carries
+    that hash; a hashed block is in the map under it).
 
     Assumes: KV depends on the weights and the whole token prefix only (a causal model with
     deterministic kernels), so a block is reusable exactly when those agree; the target
@@ -162,7 +163,11 @@ class PrefixProvenanceChecker:
             out.append(Violation("vllm_blocks", "VB4", msg, shown(sorted(crossed))))
         wrong = [(h, b) for h, b in snap.cached if hashes.get(b) != h]
         if wrong:
-            out.append(Violation("vllm_blocks", "VB4", "cache map entries whose block lost its hash", shown(wrong)))
+            out.append(Violation("vllm_blocks", "VB5", "cache map entries whose block lost its hash", shown(wrong)))
+        mapped = set(snap.cached)
+        orphans = sorted(b for b, h in hashes.items() if h is not None and (h, b) not in mapped)
+        if orphans:
+            out.append(Violation("vllm_blocks", "VB5", "hashed blocks missing from the cache map", shown(orphans)))
         return out
 
 

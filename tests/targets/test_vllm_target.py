@@ -386,3 +386,14 @@ def test_vllm_regression_traces_replay_as_expected(path: Path) -> None:
     else:
         assert any(v.pool == trace.expect["pool"] and v.invariant == trace.expect["invariant"] for v in found)
     assert path.with_suffix(".md").exists()
+
+
+def test_a_hash_missing_from_the_cache_map_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.core.block_pool import BlockPool
+
+    def hash_only(self: BlockPool, key: object, block: object, num_tokens: int | None) -> None:
+        block.set_block_hash(key, num_tokens=num_tokens)  # the map never learns of it
+
+    monkeypatch.setattr(BlockPool, "_insert_block_hash", hash_only)
+    _, found = run([AddRequest("r0", PROMPT, None, 2), Step()])
+    assert "VB5" in kinds(found)
