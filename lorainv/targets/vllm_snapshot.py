@@ -34,7 +34,7 @@ class VReqSnap:
     num_computed: int
     output_len: int
     max_tokens: int
-    tokens: tuple[int, ...]  # prompt + outputs, as vLLM holds them
+    tokens: tuple[int, ...]  # prompt + outputs, as vLLM holds them (() once ended, unless in the last step)
 
     @property
     def live(self) -> bool:
@@ -81,6 +81,9 @@ class VllmSnapshot:
         return tuple(r for r in self.requests if r.live)
 
 
+_LIVE = ("waiting", "prefilling", "decoding")
+
+
 def _hex(h: Any) -> str | None:
     if h is None:
         return None
@@ -107,6 +110,7 @@ def take_vllm_snapshot(target: Any) -> VllmSnapshot:
         for rid, blocks in mgr.req_to_blocks.items():
             req_blocks.append((rid, tuple(b.block_id for b in blocks)))
     reqs = []
+    in_step = {rid for rid, _ in target.step_holdings}
     for t in target.tracked.values():
         r = t.req
         lr = r.lora_request
@@ -122,7 +126,8 @@ def take_vllm_snapshot(target: Any) -> VllmSnapshot:
                 num_computed=r.num_computed_tokens,
                 output_len=len(r.output_token_ids),
                 max_tokens=r.max_tokens,
-                tokens=tuple(r.all_token_ids),
+                # tokens only where a checker compares them: live requests and the last step's
+                tokens=tuple(r.all_token_ids) if t.state in _LIVE or t.rid in in_step else (),
             )
         )
     prov = tuple(Provenance(b, _hex(h) or "", w, s, toks) for b, (h, w, s, toks) in sorted(target.provenance.items()))
