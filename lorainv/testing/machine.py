@@ -93,7 +93,7 @@ def adapter_sources(name: str) -> tuple[str, ...]:
     return tuple(s for s in sources if s.count(":") == 2)
 
 
-SESSIONS = ("s0", "s1", "s2")
+SESSIONS = ("s0", "s1", "s2", "s3")  # one more than max_sessions allows
 MAX_LORA_RANK = 8
 HOT = 8  # tokens 0..HOT-1 come 3 times in 4: prompts share prefixes
 WIDE = 240  # the other tokens span up to this many ids (the network's vocab permitting)
@@ -217,6 +217,7 @@ class LorainvMachine(RuleBasedStateMachine):
         self.h: Harness | None = None
         self.failed: list[Violation] = []
         self.n = 0
+        self.turn = 0
         self.vocab = HOT
         self.tokens: st.SearchStrategy[int] = st.integers(0, HOT - 1)
         # generator-side memory (what was asked; the engine is read for what is)
@@ -354,6 +355,9 @@ class LorainvMachine(RuleBasedStateMachine):
         self.h = Harness(cfg, numeric=self.numeric)
         self.vocab = self.h.engine.network.vocab_size
         self.tokens = token_strategy(self.vocab)
+        # where this example starts in the cycles of invalid variants and scripts: cycling (not
+        # a fresh draw per call) spreads a campaign evenly over every variant
+        self.turn = data.draw(st.integers(0, (1 << 16) - 1), label="cycle offset")
         for name in ("a0", "a1"):
             self._load(name, ADAPTERS[name], False, "fresh")
 
@@ -362,6 +366,11 @@ class LorainvMachine(RuleBasedStateMachine):
     def eng(self) -> Any:
         assert self.h is not None
         return self.h.engine
+
+    @property
+    def cfg(self) -> RuntimeConfig:
+        assert self.h is not None
+        return self.h.cfg
 
     def _registered(self) -> list[str | None]:
         return [None, *sorted(self.eng.registry)]
@@ -588,7 +597,8 @@ class LorainvMachine(RuleBasedStateMachine):
         if which == "duplicate-rid" and not self.used:
             self._add(self._prompt(data, 1, 3), None, 1)
         elif which == "pin-already-pinned" and not eng.pool.pinned and eng.registry:
-            self._apply(O.PinAdapter(data.draw(st.sampled_from(sorted(eng.registry)), label="name")), "valid")
+            resident = [n for n in sorted(eng.registry) if n in eng.pool.uid_to_slot]  # pinned without a load
+            self._apply(O.PinAdapter(data.draw(st.sampled_from(resident or sorted(eng.registry)))), "valid")
         elif which == "abort-ended" and not any(not r.state.live for r in eng.requests.values()):
             rid = self._add(self._prompt(data, 1, 3), None, 1)
             self._apply(O.Abort(rid), "live")
@@ -610,15 +620,32 @@ class LorainvMachine(RuleBasedStateMachine):
             if idle:
                 slot = eng.sessions.slots[idle[0]]
                 self._add(self._prompt(data, 1, 3), slot.adapter if slot.tokens else None, 2, idle[0])
-        if which in ("session-other-adapter", "unload-session-held") and not self._session_held_sessions():
-            if not self._open():
-                self._apply(O.OpenSession(SESSIONS[0]), "valid")
-            idle = self._idle_sessions()
-            if idle:
-                slot = eng.sessions.slots[idle[0]]
-                adapter = slot.adapter if slot.tokens else self._ensure_registered(1)[0]
-                self._run(self._add(self._prompt(data, 1, 3), adapter, 1, idle[0]), 8)
+        held = {"session-other-adapter": self._session_held_sessions, "unload-session-held": self._session_held}
+        if which in held and not held[which]():
+            self._hold_session_kv(data)
         return which in self._stateful_invalid()
+
+    def _hold_session_kv(self, data: st.DataObject) -> None:
+        """Finish a turn of an adapter no live request uses in an idle session without KV
+        (opening, or closing and reopening, one), so that the session holds that adapter's KV."""
+        eng = self.eng
+        used = {r.adapter for r in self._live()}
+        free = [n for n in sorted(eng.registry) if n not in used]
+        if not free:
+            self._ensure_registered(len(eng.registry) + 1)
+            free = [n for n in sorted(eng.registry) if n not in used]
+        empty = [s for s in self._idle_sessions() if not eng.sessions.slots[s].tokens]
+        if not empty:
+            closed = [s for s in SESSIONS if s not in self._open()]
+            if closed and len(self._open()) < self.cfg.max_sessions:
+                sid = closed[0]
+            else:
+                sid = self._open()[0]
+                self._apply(O.CloseSession(sid), "live-turn" if sid in self._busy_sessions() else "idle")
+            self._apply(O.OpenSession(sid), "valid")
+            empty = [sid]
+        if free:
+            self._run(self._add(self._prompt(data, 1, 3), free[0], 1, empty[0]), 16)
 
     def _session_held_sessions(self) -> list[str]:
         """Idle sessions that hold KV of an adapter."""
@@ -658,7 +685,9 @@ class LorainvMachine(RuleBasedStateMachine):
         """One op the engine must refuse with a typed error (a `Rejected` event)."""
         assert self.h is not None
         eng, cfg = self.eng, self.h.cfg
-        which = data.draw(st.sampled_from(self.ALWAYS_INVALID + self.STATEFUL_INVALID), label="invalid")
+        variants = self.ALWAYS_INVALID + self.STATEFUL_INVALID
+        which = variants[self.turn % len(variants)]
+        self.turn += 1
         if which in self.STATEFUL_INVALID and (not self._prepare(which, data) or self.failed):
             return
         reg = self._registered()
@@ -778,7 +807,8 @@ class LorainvMachine(RuleBasedStateMachine):
             kinds.append("two-turns")
         if self.h.cfg.lora_drain_wait_threshold > 0:
             kinds.append("drain-then-abort")
-        kind = data.draw(st.sampled_from(kinds), label="scenario")
+        kind = kinds[self.turn % len(kinds)]
+        self.turn += 1
         if kind == "prefix-then-end":
             self._prefix_then_end(data)
         elif kind == "busy-pin-or-abort":

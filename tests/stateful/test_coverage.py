@@ -14,7 +14,7 @@ from typing import Any
 from lorainv import events as E
 from lorainv.testing.machine import OP_VARIANTS, RARE_STATES, VALID_VARIANTS
 
-BUDGET = 300
+BUDGET = 400
 
 SCRIPT = """
 import json, sys
