@@ -682,12 +682,17 @@ class LorainvMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def invalid_op(self, data: st.DataObject) -> None:
-        """One op the engine must refuse with a typed error (a `Rejected` event)."""
+        """The next two invalid variants of the cycle: ops the engine must refuse with a typed
+        error (a `Rejected` event). Refused ops are cheap and do not use up rule steps."""
+        variants = self.ALWAYS_INVALID + self.STATEFUL_INVALID
+        for _ in range(2):
+            which = variants[self.turn % len(variants)]
+            self.turn += 1
+            self._invalid(which, data)
+
+    def _invalid(self, which: str, data: st.DataObject) -> None:
         assert self.h is not None
         eng, cfg = self.eng, self.h.cfg
-        variants = self.ALWAYS_INVALID + self.STATEFUL_INVALID
-        which = variants[self.turn % len(variants)]
-        self.turn += 1
         if which in self.STATEFUL_INVALID and (not self._prepare(which, data) or self.failed):
             return
         reg = self._registered()
