@@ -26,7 +26,8 @@ def test_quick_soak_is_clean_and_leak_free(soak: ModuleType, tmp_path: Path) -> 
     assert rc == 0, data["first_violation"]
     assert data["violations"] == 0 and data["first_violation"] is None
     assert data["leaked_tokens"] == 0 and data["leaked_slots"] == 0 and data["leaked_rows"] == 0
-    assert set(data["leaks"]) >= {"tokens", "slots", "rows", "loads_in_flight", "session_tokens"}
+    assert set(data["leaks"]) >= {"tokens", "slots", "rows", "loads_in_flight", "session_tokens", "pinned_entries"}
+    assert data["peak"]["pinned_bytes"] > 0  # the pinned host cache was used, and emptied by the teardown
     assert all(v == 0 for v in data["leaks"].values()), data["leaks"]
     assert data["ops"] == 2000 and data["ops_applied"] >= 2000
     # the traffic reached what the soak is for
