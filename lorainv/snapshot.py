@@ -89,6 +89,18 @@ class LoraSnap:
     evictions: tuple[tuple[Any, int, frozenset[Any]], ...]  # (victim, slot, protected set) in the last step
     contents: tuple[SlotContentSnap, ...] = ()  # every readable slot of every TP rank (L6)
 
+    @property
+    def hygiene(self) -> tuple[tuple[Any, str], ...]:
+        """(uid, problem) per readable slot whose contents differ from its registered
+        weights (L6); derived from `contents`, kept for readers of the earlier field."""
+        out = []
+        for c in self.contents:
+            want = dict(c.want)
+            bad = [r for r, d in c.held if want.get(r) != d]
+            if bad:
+                out.append((c.uid, f"slot {c.slot}: {', '.join(bad)} differ"))
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class DrainSnap:

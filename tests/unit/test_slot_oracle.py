@@ -137,3 +137,12 @@ def test_planted_neighbour_overwrite_in_a_later_op_is_caught(monkeypatch: pytest
     strict.apply(OPS[4])
     with pytest.raises(InvariantViolation, match="L6"):
         strict.apply(OPS[5])
+
+
+def test_lora_snap_hygiene_is_derived_from_the_digests(monkeypatch: pytest.MonkeyPatch) -> None:
+    _overwrite_neighbour(monkeypatch)
+    eng = Engine(RuntimeConfig(network="dummy", max_total_tokens=128))
+    for op in OPS:
+        eng.apply(op)
+    hyg = eng.snapshot().lora.hygiene
+    assert [uid for uid, _ in hyg] == ["a"] and hyg[0][1].startswith("slot 0: ")
