@@ -47,7 +47,7 @@ from lorainv.events import (
     TransfersCompleted,
     Unpinned,
 )
-from lorainv.impl.adapters import LoraAdapter, generate_adapter, load_peft_adapter, parse_gen_source
+from lorainv.impl.adapters import LoraAdapter, load_peft_adapter, parse_gen_source
 from lorainv.impl.batch import ForwardBatch, build_lora_batch_info
 from lorainv.impl.clock import Clock, SimClock
 from lorainv.impl.device import make_device
@@ -517,12 +517,11 @@ class Engine:
             raise AdapterError(f"pinned must be a bool, got {op.pinned!r}")
         gen = parse_gen_source(op.source)
         if gen is not None:
-            rank, seed = gen
             from lorainv.errors import AdapterRankError
 
-            if rank > self.cfg.max_lora_rank:
-                raise AdapterRankError(f"{op.source}: rank {rank} exceeds max_lora_rank={self.cfg.max_lora_rank}")
-            adapter = generate_adapter(name, self.dims, rank=rank, seed=seed, dtype=self.dtype)
+            if gen.rank > self.cfg.max_lora_rank:
+                raise AdapterRankError(f"{op.source}: rank {gen.rank} exceeds max_lora_rank={self.cfg.max_lora_rank}")
+            adapter = gen.build(name, self.dims, self.dtype)
         else:
             adapter = load_peft_adapter(
                 name, op.source, self.dims, max_lora_rank=self.cfg.max_lora_rank, dtype=self.dtype

@@ -180,11 +180,6 @@ def run_mixed(saved: dict[str, Any], gens: tuple[str, ...] = ENGINE_GEN) -> Harn
     return h
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine._op_LoadAdapter builds gen sources with generate_adapter(rank, seed) and drops "
-    "the alpha/rsLoRA fields of gen:<r>:<s>:<alpha>[:rs]; fix: adapter = gen.build(name, dims, dtype)",
-)
 def test_engine_serves_gen_alpha_and_rslora(saved: dict[str, Any]) -> None:
     assert run_mixed(saved, GEN_ADAPTERS).finish() == []
 
