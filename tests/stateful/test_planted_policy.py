@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lorainv.errors import AdapterError
+from lorainv.errors import AdapterError, RequestError
 from lorainv.impl.engine import Engine
 from lorainv.impl.lora_pool import LoraPool
 from lorainv.impl.scheduler import Scheduler
@@ -44,12 +44,21 @@ def _plant(mp: pytest.MonkeyPatch, cls: type, name: str, old: str, new: str) -> 
 
 
 def abort_ignored(mp: pytest.MonkeyPatch) -> None:
-    """``Abort`` of a live request finds it, then does nothing."""
-    mp.setattr(Engine, "_op_Abort", lambda self, op: (self._req(op.rid), [])[1])
+    """``Abort`` validates as documented, then leaves a live request running."""
+
+    def ignore(self: Engine, op: Any) -> list[Any]:
+        if not self._req(op.rid).state.live:
+            raise RequestError(f"request {op.rid} already ended")
+        return []
+
+    mp.setattr(Engine, "_op_Abort", ignore)
 
 
 def pin_always_refused(mp: pytest.MonkeyPatch) -> None:
+    """``PinAdapter`` finds the adapter, then refuses every pin."""
+
     def refuse(self: Engine, op: Any) -> list[Any]:
+        self._registered(op.name)
         raise AdapterError(f"cannot pin {op.name!r}")
 
     mp.setattr(Engine, "_op_PinAdapter", refuse)
