@@ -54,18 +54,20 @@ class KVChecker:
     def _membership(self, snap: Snapshot) -> list[Violation]:
         ps = snap.page_size
         n = snap.total_tokens + ps
-        count = np.zeros(n, dtype=np.int64)
         owner = np.full(n, -1, dtype=np.int64)
         claims = token_owners(snap)
         out: list[Violation] = []
+        kept: list[np.ndarray] = []
         for k, (label, idx) in enumerate(claims):
             idx = np.asarray(idx, dtype=np.int64)
-            bad = idx[(idx < ps) | (idx >= n)]
-            if bad.size:
+            if idx.size and (idx.min() < ps or idx.max() >= n):
+                bad = idx[(idx < ps) | (idx >= n)]
                 out.append(Violation("kv", "K3", f"{label} holds padding/out-of-pool indices", shown(bad)))
                 idx = idx[(idx >= ps) & (idx < n)]
-            np.add.at(count, idx, 1)
+            kept.append(idx)
             owner[idx] = k
+        # one count of every claim (a claim listing an index twice counts it twice)
+        count = np.bincount(np.concatenate(kept), minlength=n) if kept else np.zeros(n, dtype=np.int64)
         aliased = np.flatnonzero(count > 1)
         if aliased.size:
             who = sorted({label for label, idx in claims if np.isin(idx, aliased).any()})

@@ -67,9 +67,12 @@ class LoraChecker:
                 out.append(Violation("lora", "L5", f"evicted {victim!r} from slot {slot} while {why}", (victim,)))
         # L6: every readable slot holds exactly what its adapter's registered tensors call for
         for c in lo.contents:
+            if c.held == c.want:
+                continue
             want = dict(c.want)
+            held = dict(c.held)
             bad = [region for region, digest in c.held if want.get(region) != digest]
-            bad += [region for region in want if region not in dict(c.held)]
+            bad += [region for region in want if region not in held]
             if bad:
                 where = f"slot {c.slot}" + (f" on tp rank {c.tp_rank}" if c.tp_rank else "")
                 out.append(

@@ -35,7 +35,7 @@ def _uid(u: Any) -> Any:
     return EMPTY_NAME if u is EMPTY else u
 
 
-def _lora(engine: Any) -> LoraSnap:
+def _lora(engine: Any, idle: bool) -> LoraSnap:
     pool, loader = engine.pool, engine.loader
     tracked = loader.tracked() if loader is not None else ()
     mapped = set(pool.uid_to_slot)
@@ -52,13 +52,16 @@ def _lora(engine: Any) -> LoraSnap:
         last_batch=engine.last_batch,
         last_batch_slots=engine.last_batch_slots,
         evictions=tuple(engine.scheduler.evictions),
-        contents=_contents(engine, {t.uid for t in tracked}),
+        contents=_contents(engine, {t.uid for t in tracked}, cached=not idle),
     )
 
 
-def _contents(engine: Any, loading: set[Any]) -> tuple[SlotContentSnap, ...]:
+def _contents(engine: Any, loading: set[Any], *, cached: bool) -> tuple[SlotContentSnap, ...]:
     """Digests of every readable slot (resident, its load reaped) on every TP rank, next to
-    the digests its registered adapter calls for. Never cached: a later corruption shows."""
+    the digests its registered adapter calls for. A slot's digest is reused only while its
+    buffer tensor's version counter shows no write since (`slot_digests`), so a later
+    corruption through torch shows on the op that made it; ``cached=False`` (at idle) rehashes
+    every region."""
     out = []
     cfg = engine.cfg
     for tp_rank, pool in enumerate(engine.pool.rank_pools):
@@ -69,59 +72,133 @@ def _contents(engine: Any, loading: set[Any]) -> tuple[SlotContentSnap, ...]:
             if uid is not None and uid not in engine.registry:
                 continue  # resident but unregistered: the lora/pinned checkers report it
             judged.append((uid, slot))
-        held = slot_digests(pool.buffers, [slot for _, slot in judged])
+        held = slot_digests(pool.buffers, [slot for _, slot in judged], cached=cached)
         for uid, slot in judged:
             adapter = None if uid is None else engine.registry[uid]
             want = expected_digests(
                 adapter, engine.dims, tp_rank=tp_rank, tp_size=cfg.tp_size, max_rank=pool.max_rank, dtype=pool.dtype
             )
-            out.append(SlotContentSnap(tp_rank, slot, uid, held[slot], want))
+            out.append(_content_snap(tp_rank, slot, uid, held[slot], want))
     return tuple(out)
 
 
+def _content_snap(tp_rank: int, slot: int, uid: Any, held: Any, want: Any) -> SlotContentSnap:
+    """A `SlotContentSnap`, reused when made from the very same digest tuples (immutable)."""
+    key = (tp_rank, slot, uid, id(held), id(want))
+    hit = _CONTENT_MEMO.get(key)
+    if hit is not None and hit.held is held and hit.want is want:
+        return hit
+    if len(_CONTENT_MEMO) >= 1024:
+        _CONTENT_MEMO.pop(next(iter(_CONTENT_MEMO)))
+    snap = _CONTENT_MEMO[key] = SlotContentSnap(tp_rank, slot, uid, held, want)
+    return snap
+
+
+# (tp rank, slot, uid, id(held), id(want)) -> the snapshot, which holds both tuples (no id reuse)
+_CONTENT_MEMO: dict[tuple[Any, ...], SlotContentSnap] = {}
+
+
 def _pinned(engine: Any) -> PinnedSnap:
-    """The pinned host cache as plain values; ``current`` compares tensor identity only."""
+    """The pinned host cache as plain values; ``current`` compares tensor identity only.
+
+    The entries and ``need`` are derived from (the cache's entry objects, the registered
+    adapter objects, each adapter's tensor objects); they are reused while every one of those
+    is the same object (the memo holds them, so no id is reused). The cache's own byte count
+    is asked afresh every time."""
     cache = engine.pool.host_cache
-    view = cache.view()
-    sources: dict[str, set[int]] = {}
-    for name in {adapter for _, adapter, _, _ in view}:
-        a = engine.registry.get(name)
-        sources[name] = set() if a is None else {id(t) for layer in a.weights for ab in layer.values() for t in ab}
-    entries = tuple(
-        PinnedEntrySnap(key, adapter, nbytes, id(src) in sources[adapter]) for key, adapter, nbytes, src in view
+    items = tuple(cache.entries.items())
+    adapters = tuple(engine.registry.items())
+    tensors = tuple(tuple(t for layer in a.weights for ab in layer.values() for t in ab) for _, a in adapters)
+    sig = (
+        tuple((k, id(v)) for k, v in items),
+        tuple((n, id(a)) for n, a in adapters),
+        tuple(tuple(map(id, ts)) for ts in tensors),
     )
-    need = tuple(sorted((n, a.nbytes()) for n, a in engine.registry.items()))
+    hit = _PINNED_MEMO.get(id(cache))
+    if hit is not None and hit[0] is cache and hit[2] == sig:
+        entries, need = hit[3], hit[4]
+    else:
+        view = cache.view()
+        ids = {n: set(map(id, ts)) for (n, _), ts in zip(adapters, tensors)}
+        entries = tuple(
+            PinnedEntrySnap(key, adapter, nbytes, id(src) in ids.get(adapter, ())) for key, adapter, nbytes, src in view
+        )
+        need = tuple(sorted((n, a.nbytes()) for n, a in adapters))
+        if hit is None and len(_PINNED_MEMO) >= 64:
+            _PINNED_MEMO.pop(next(iter(_PINNED_MEMO)))
+        _PINNED_MEMO[id(cache)] = (cache, (items, adapters, tensors), sig, entries, need)
     return PinnedSnap(entries, cache.nbytes(), need, engine.cfg.tp_size)
 
 
+# id(cache) -> (cache, the objects the signature names, signature, entries, need)
+_PINNED_MEMO: dict[int, tuple[Any, Any, Any, tuple[PinnedEntrySnap, ...], tuple[tuple[str, int], ...]]] = {}
+
+
+def _req(r: Any, r2t: Any) -> ReqSnap:
+    """One request as plain values. A request without a row or tokens (waiting or ended: the
+    bulk of a long run) is reused from the last snapshot when every field it is made of is
+    equal (its arrays are empty, so sharing them shares nothing mutable)."""
+    fill = tuple(r.fill)
+    cache_node = None if r.cache_node is None or r.cache_node.parent is None else r.cache_node.id
+    session_alloc = r.session_alloc if r.session_lent else 0
+    bare = r.row is None and len(r.indices) == 0
+    if bare:
+        key = (
+            r.rid,
+            r.state.value,
+            r.adapter,
+            r.session_id,
+            r.kv_len,
+            r.cache_len,
+            session_alloc,
+            r.own_row,
+            len(r.output),
+            r.max_new_tokens,
+            cache_node,
+            fill,
+        )
+        hit = _REQ_MEMO.get(id(r))
+        if hit is not None and hit[0] is r and hit[1] == key:
+            return hit[2]
+    entries = r2t[r.row, : r.alloc_len].cpu().numpy().copy() if r.row is not None else np.zeros(0, np.int64)
+    snap = ReqSnap(
+        rid=r.rid,
+        state=r.state.value,
+        adapter=r.adapter,
+        session_id=r.session_id,
+        row=r.row,
+        indices=np.asarray(r.indices, dtype=np.int64).copy(),
+        kv_len=r.kv_len,
+        cache_len=r.cache_len,
+        session_alloc=session_alloc,
+        own_row=r.own_row,
+        output_len=len(r.output),
+        max_new_tokens=r.max_new_tokens,
+        fill_len=len(fill),
+        row_entries=entries,
+        cache_node=cache_node,
+        fill=fill,
+    )
+    if bare:
+        if len(_REQ_MEMO) >= _REQ_MEMO_LIMIT:
+            _REQ_MEMO.pop(next(iter(_REQ_MEMO)))
+        _REQ_MEMO[id(r)] = (r, key, snap)
+    return snap
+
+
+# id(request) -> (the request, the fields its snapshot was made of, the snapshot)
+_REQ_MEMO: dict[int, tuple[Any, tuple[Any, ...], ReqSnap]] = {}
+_REQ_MEMO_LIMIT = 4096
+
+
 def take_snapshot(engine: Any) -> Snapshot:
+    idle = engine.is_idle()
     s = engine.scheduler
     alloc = engine.allocator
     reqs = []
     r2t = engine.rows.req_to_token
     for r in engine.requests.values():
-        fill = r.fill
-        entries = r2t[r.row, : r.alloc_len].cpu().numpy().copy() if r.row is not None else np.zeros(0, np.int64)
-        reqs.append(
-            ReqSnap(
-                rid=r.rid,
-                state=r.state.value,
-                adapter=r.adapter,
-                session_id=r.session_id,
-                row=r.row,
-                indices=np.asarray(r.indices, dtype=np.int64).copy(),
-                kv_len=r.kv_len,
-                cache_len=r.cache_len,
-                session_alloc=r.session_alloc if r.session_lent else 0,
-                own_row=r.own_row,
-                output_len=len(r.output),
-                max_new_tokens=r.max_new_tokens,
-                fill_len=len(fill),
-                row_entries=entries,
-                cache_node=None if r.cache_node is None or r.cache_node.parent is None else r.cache_node.id,
-                fill=tuple(fill),
-            )
-        )
+        reqs.append(_req(r, r2t))
     nodes = tuple(
         PrefixNodeSnap(
             n.id,
@@ -156,14 +233,14 @@ def take_snapshot(engine: Any) -> Snapshot:
         staged=s.staged.rid if s.staged is not None else None,
         prefix_nodes=nodes,
         sessions=sessions,
-        lora=_lora(engine),
+        lora=_lora(engine, idle),
         drainer=DrainSnap(
             drainer.enabled,
             tuple(sorted(drainer.marks.items(), key=repr)),
             tuple(sorted(drainer.reserved, key=repr)),
         ),
         max_loras_per_batch=engine.cfg.max_loras_per_batch,
-        idle=engine.is_idle(),
+        idle=idle,
         finished=tuple(r.rid for r in engine.requests.values() if not r.state.live),
         pinned=_pinned(engine),
     )
