@@ -146,3 +146,31 @@ def test_lora_snap_hygiene_is_derived_from_the_digests(monkeypatch: pytest.Monke
         eng.apply(op)
     hyg = eng.snapshot().lora.hygiene
     assert [uid for uid, _ in hyg] == ["a"] and hyg[0][1].startswith("slot 0: ")
+
+
+@pytest.mark.parametrize("write", ["indexed", "copy_", "fill_", "view mul_", "scaling"])
+def test_cached_digests_see_every_torch_write(write: str) -> None:
+    """The digest cache is keyed on the buffers' torch version counters: any in-place write
+    through torch, to any view, makes the next (cached) read rehash, and the cached answer
+    always equals a from-scratch one."""
+    (pool,) = _pools(1, torch.float32)
+    a = generate_adapter("a", DIMS, rank=4, seed=3, dtype=torch.float32)
+    pool.prepare_batch({"a"}, {"a": a})
+    slot = pool.uid_to_slot["a"]
+    before = slot_digests(pool.buffers, [slot])[slot]
+    assert slot_digests(pool.buffers, [slot])[slot] is before  # unchanged: reused as is
+    buf = pool.buffers.B[1]["gate_up"]
+    if write == "indexed":
+        buf[slot, 3, 0] = 7.0
+    elif write == "copy_":
+        buf[slot, :2].copy_(torch.ones(2, buf.shape[2]))
+    elif write == "fill_":
+        pool.buffers.A[0]["o"][slot].fill_(0.5)
+    elif write == "view mul_":
+        buf.view(-1).narrow(0, slot * buf[0].numel(), buf[0].numel()).mul_(0)  # a view of a view
+    else:
+        pool.buffers.scalings[slot] = 3.0
+    after = slot_digests(pool.buffers, [slot])[slot]
+    assert after != before
+    assert after == slot_digests(pool.buffers, [slot], cached=False)[slot]
+    assert after != expected_digests(a, DIMS, tp_rank=0, tp_size=1, max_rank=8, dtype=torch.float32)
