@@ -72,7 +72,9 @@ class RuntimeConfig:
     max_load_retries: int = 1
     network: str = "tiny"
     history_steps: int = 8
-    max_finished_requests: int = 0  # 0 keeps every ended request; N keeps the N most recent
+    # N keeps the N most recently ended requests (bounded by default, so a long run's per-op cost
+    # stays flat); 0 keeps every ended request
+    max_finished_requests: int = 1024
 
     def __post_init__(self) -> None:
         _int_field("max_loras_per_batch", self.max_loras_per_batch, 1, 256)

@@ -142,6 +142,14 @@ def test_defaults() -> None:
     assert cfg.device == "sim"
     assert cfg.faults == frozenset()
     assert cfg.enable_prefix_cache is True
+    assert cfg.max_finished_requests == 1024  # bounded: a long run does not keep every ended request
+
+
+def test_old_trace_config_without_max_finished_requests_gets_the_bounded_default() -> None:
+    """Traces written before the field existed omit it; they load with the default, which
+    retires nothing in a trace of fewer than 1024 requests (so they replay as before)."""
+    old = {k: v for k, v in RuntimeConfig(network="dummy").to_dict().items() if k != "max_finished_requests"}
+    assert RuntimeConfig.from_dict(old).max_finished_requests == 1024
 
 
 def test_faults_given_as_list_become_frozenset() -> None:
