@@ -38,16 +38,24 @@ class Harness:
     """Applies ops to an engine and a model in lockstep and collects violations."""
 
     def __init__(
-        self, cfg: RuntimeConfig, *, numeric: bool = False, model: Any = None, tokens: bool | None = None
+        self,
+        cfg: RuntimeConfig,
+        *,
+        numeric: bool = False,
+        model: Any = None,
+        tokens: bool | None = None,
+        policy: frozenset[str] | None = None,
     ) -> None:
         """``tokens``: judge every `Decoded` with the token oracle; None (default) does so exactly
-        when the engine runs the fingerprint network (fast mode), whose tokens the oracle predicts."""
+        when the engine runs the fingerprint network (fast mode), whose tokens the oracle predicts.
+        ``policy``: the policy checks to run (names from `POLICY_CHECKS`); None runs them all."""
         from lorainv.impl.engine import Engine
         from lorainv.impl.fingerprint_net import FingerprintNetwork
 
         self.cfg = cfg
         self.engine = Engine(cfg, model=model)
-        self.model = ReferenceModel(cfg)
+        net = self.engine.network
+        self.model = ReferenceModel(cfg, vocab_size=net.vocab_size, max_context_len=net.max_context_len, policy=policy)
         if tokens is None:
             tokens = isinstance(self.engine.network, FingerprintNetwork)
         self.tokens = TokenOracle.for_config(cfg, self.engine.network.dims) if tokens else None
