@@ -8,9 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+_T = TypeVar("_T")
+
+
+def build(cls: type[_T], **fields: Any) -> _T:
+    """``cls(**fields)`` for a frozen snapshot dataclass, without its per-field
+    ``object.__setattr__`` calls (the snapshotter builds thousands per second). The result is
+    the same value: every field must be given (no defaults are filled in), and these classes
+    have no ``__post_init__``."""
+    names = cls.__dataclass_fields__.keys()  # type: ignore[attr-defined]
+    if fields.keys() != names:
+        raise TypeError(f"{cls.__name__}: fields missing {sorted(names - fields.keys())} or unknown")
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
 
 
 @dataclass(frozen=True)

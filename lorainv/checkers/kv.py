@@ -54,20 +54,24 @@ class KVChecker:
     def _membership(self, snap: Snapshot) -> list[Violation]:
         ps = snap.page_size
         n = snap.total_tokens + ps
-        owner = np.full(n, -1, dtype=np.int64)
         claims = token_owners(snap)
         out: list[Violation] = []
-        kept: list[np.ndarray] = []
-        for k, (label, idx) in enumerate(claims):
-            idx = np.asarray(idx, dtype=np.int64)
-            if idx.size and (idx.min() < ps or idx.max() >= n):
+        arrays = [np.asarray(idx, dtype=np.int64) for _, idx in claims]
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        if flat.size and (flat.min() < ps or flat.max() >= n):  # name each claim with a bad index
+            for k, (label, _) in enumerate(claims):
+                idx = arrays[k]
                 bad = idx[(idx < ps) | (idx >= n)]
-                out.append(Violation("kv", "K3", f"{label} holds padding/out-of-pool indices", shown(bad)))
-                idx = idx[(idx >= ps) & (idx < n)]
-            kept.append(idx)
-            owner[idx] = k
-        # one count of every claim (a claim listing an index twice counts it twice)
-        count = np.bincount(np.concatenate(kept), minlength=n) if kept else np.zeros(n, dtype=np.int64)
+                if bad.size:
+                    out.append(Violation("kv", "K3", f"{label} holds padding/out-of-pool indices", shown(bad)))
+                    arrays[k] = idx[(idx >= ps) & (idx < n)]
+            flat = np.concatenate(arrays)
+        # claim k's indices are labelled k; one count of every claim (an index a claim lists
+        # twice counts twice); a later claim's label overwrites an earlier one's, as in order
+        which = np.repeat(np.arange(len(arrays), dtype=np.int64), [len(a) for a in arrays])
+        owner = np.full(n, -1, dtype=np.int64)
+        owner[flat] = which
+        count = np.bincount(flat, minlength=n)
         aliased = np.flatnonzero(count > 1)
         if aliased.size:
             who = sorted({label for label, idx in claims if np.isin(idx, aliased).any()})

@@ -18,20 +18,24 @@ class ReqToTokenChecker:
     def check(self, snap: Snapshot) -> list[Violation]:
         out: list[Violation] = []
         owners: Counter[int] = Counter()
-        labels: dict[int, list[str]] = {}
         for r in snap.live():
             if r.row is not None:
                 owners[r.row] += 1
-                labels.setdefault(r.row, []).append(f"request {r.rid}")
         for s in snap.sessions:
             if s.row is not None and not s.is_active:
                 owners[s.row] += 1
-                labels.setdefault(s.row, []).append(f"session {s.session_id}")
-        for row in snap.free_rows:
-            owners[row] += 1
-            labels.setdefault(row, []).append("free")
+        owners.update(snap.free_rows)
         twice = sorted(r for r, c in owners.items() if c > 1)
         if twice:
+            labels: dict[int, list[str]] = {}
+            for r in snap.live():
+                if r.row is not None:
+                    labels.setdefault(r.row, []).append(f"request {r.rid}")
+            for s in snap.sessions:
+                if s.row is not None and not s.is_active:
+                    labels.setdefault(s.row, []).append(f"session {s.session_id}")
+            for row in snap.free_rows:
+                labels.setdefault(row, []).append("free")
             who = "; ".join(f"row {r}: {', '.join(labels[r])}" for r in twice[:4])
             out.append(Violation("req_to_token", "K5", f"rows with two owners ({who})", shown(twice)))
         lost = sorted(set(range(snap.rows_total)) - set(owners))
@@ -45,7 +49,7 @@ class ReqToTokenChecker:
                         Violation("req_to_token", "K5", f"session {s.session_id} row lent twice", tuple(borrowers))
                     )
         for r in snap.live():
-            if r.row is not None and not np.array_equal(r.row_entries, r.indices):
+            if r.row is not None and not _same(r.row_entries, r.indices):
                 diff: Sequence[int] | np.ndarray = (
                     np.flatnonzero(r.row_entries != r.indices) if len(r.row_entries) == len(r.indices) else []
                 )
@@ -68,3 +72,10 @@ class ReqToTokenChecker:
                     )
                 )
         return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.array_equal``, by raw bytes when both are int64 of one shape (equal ints, equal bytes)."""
+    if a.dtype == b.dtype == np.int64 and a.shape == b.shape:
+        return a.tobytes() == b.tobytes()
+    return bool(np.array_equal(a, b))

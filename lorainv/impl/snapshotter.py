@@ -28,6 +28,7 @@ from lorainv.snapshot import (
     SessionSnap,
     SlotContentSnap,
     Snapshot,
+    build,
 )
 
 
@@ -103,8 +104,8 @@ def _pinned(engine: Any) -> PinnedSnap:
 
     The entries and ``need`` are derived from (the cache's entry objects, the registered
     adapter objects, each adapter's tensor objects); they are reused while every one of those
-    is the same object (the memo holds them, so no id is reused). The cache's own byte count
-    is asked afresh every time."""
+    is the same object (the memo holds them, so no id is reused). So is the cache's own byte
+    count (`PinnedHostCache.nbytes` reads nothing but its entries), asked again on any change."""
     cache = engine.pool.host_cache
     items = tuple(cache.entries.items())
     adapters = tuple(engine.registry.items())
@@ -116,8 +117,9 @@ def _pinned(engine: Any) -> PinnedSnap:
     )
     hit = _PINNED_MEMO.get(id(cache))
     if hit is not None and hit[0] is cache and hit[2] == sig:
-        entries, need = hit[3], hit[4]
+        entries, need, nbytes = hit[3], hit[4], hit[5]
     else:
+        nbytes = cache.nbytes()
         view = cache.view()
         ids = {n: set(map(id, ts)) for (n, _), ts in zip(adapters, tensors)}
         entries = tuple(
@@ -126,15 +128,16 @@ def _pinned(engine: Any) -> PinnedSnap:
         need = tuple(sorted((n, a.nbytes()) for n, a in adapters))
         if hit is None and len(_PINNED_MEMO) >= 64:
             _PINNED_MEMO.pop(next(iter(_PINNED_MEMO)))
-        _PINNED_MEMO[id(cache)] = (cache, (items, adapters, tensors), sig, entries, need)
-    return PinnedSnap(entries, cache.nbytes(), need, engine.cfg.tp_size)
+        _PINNED_MEMO[id(cache)] = (cache, (items, adapters, tensors), sig, entries, need, nbytes)
+    return PinnedSnap(entries, nbytes, need, engine.cfg.tp_size)
 
 
-# id(cache) -> (cache, the objects the signature names, signature, entries, need)
-_PINNED_MEMO: dict[int, tuple[Any, Any, Any, tuple[PinnedEntrySnap, ...], tuple[tuple[str, int], ...]]] = {}
+# id(cache) -> (cache, the objects the signature names, signature, entries, need, the cache's
+# own byte count)
+_PINNED_MEMO: dict[int, tuple[Any, Any, Any, tuple[PinnedEntrySnap, ...], tuple[tuple[str, int], ...], int]] = {}
 
 
-def _req(r: Any, r2t: Any) -> ReqSnap:
+def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
     """One request as plain values. A request without a row or tokens (waiting or ended: the
     bulk of a long run) is reused from the last snapshot when every field it is made of is
     equal (its arrays are empty, so sharing them shares nothing mutable)."""
@@ -160,8 +163,9 @@ def _req(r: Any, r2t: Any) -> ReqSnap:
         hit = _REQ_MEMO.get(id(r))
         if hit is not None and hit[0] is r and hit[1] == key:
             return hit[2]
-    entries = r2t[r.row, : r.alloc_len].cpu().numpy().copy() if r.row is not None else np.zeros(0, np.int64)
-    snap = ReqSnap(
+    entries = r2t[r.row, : len(r.indices)].copy() if r.row is not None else np.zeros(0, np.int64)
+    snap = build(
+        ReqSnap,
         rid=r.rid,
         state=r.state.value,
         adapter=r.adapter,
@@ -196,7 +200,8 @@ def take_snapshot(engine: Any) -> Snapshot:
     s = engine.scheduler
     alloc = engine.allocator
     reqs = []
-    r2t = engine.rows.req_to_token
+    # one host view of the whole table (no copy on a CPU device); each row's slice is copied
+    r2t = engine.rows.req_to_token.detach().cpu().numpy()
     for r in engine.requests.values():
         reqs.append(_req(r, r2t))
     nodes = tuple(
@@ -216,7 +221,8 @@ def take_snapshot(engine: Any) -> Snapshot:
     )
     held = sum(r.held_tokens for r in engine.requests.values() if r.state.live)
     drainer = engine.drainer
-    return Snapshot(
+    return build(
+        Snapshot,
         step=engine.steps,
         now=engine.clock.now(),
         total_tokens=alloc.size,
