@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -84,24 +85,25 @@ def build_lora_batch_info(
         if int(n) < 0:
             raise RequestError(f"request {b} has a negative extend length {n}")
     device = ranks.device
-    slot_t = torch.tensor([int(s) for s in slots], dtype=torch.long, device=device)
-    lens_t = torch.tensor([int(n) for n in extend_lens], dtype=torch.long, device=device)
-
-    uniq, counts = torch.unique_consecutive(slot_t, return_counts=True)
-    found = int(uniq.numel())
+    # group in plain Python (batches are small; a dozen tiny torch ops cost more than the loop)
+    uniq: list[int] = []
+    per_seg: list[int] = []
+    for slot, n in zip(slots, extend_lens):
+        if uniq and uniq[-1] == int(slot):
+            per_seg[-1] += int(n)
+        else:
+            uniq.append(int(slot))
+            per_seg.append(int(n))
+    found = len(uniq)
     num_segments = copy_len = found
     if SEGMENTS_FROM_BATCH_SIZE in faults:
         num_segments = copy_len = len(slots)  # the historic bug: batch size instead of segment count
 
-    seg_of_req = torch.repeat_interleave(torch.arange(found, device=device), counts)
-    per_seg = torch.zeros(found, dtype=torch.long, device=device).index_add_(0, seg_of_req, lens_t)
-
     seg_lens = torch.empty(num_segments, dtype=torch.long, device=device)
-    seg_lens.copy_(per_seg.narrow(0, 0, copy_len))
+    seg_lens.copy_(torch.tensor(per_seg, dtype=torch.long, device=device).narrow(0, 0, copy_len))
     weight_indices = torch.empty(num_segments, dtype=torch.long, device=device)
-    weight_indices.copy_(uniq.narrow(0, 0, copy_len))
-    seg_indptr = torch.zeros(num_segments + 1, dtype=torch.long, device=device)
-    torch.cumsum(seg_lens, 0, out=seg_indptr[1:])
+    weight_indices.copy_(torch.tensor(uniq, dtype=torch.long, device=device).narrow(0, 0, copy_len))
+    seg_indptr = torch.tensor(list(accumulate(per_seg[:num_segments], initial=0)), dtype=torch.long, device=device)
     return LoraBatchInfo(
         num_segments=num_segments,
         seg_lens=seg_lens,
@@ -109,7 +111,7 @@ def build_lora_batch_info(
         weight_indices=weight_indices,
         ranks=ranks,
         scalings=scalings,
-        max_len=int(seg_lens.max()) if num_segments else 0,
+        max_len=max(per_seg[:num_segments], default=0),
     )
 
 
