@@ -1,9 +1,20 @@
-"""Fuzzer throughput: ops/s and examples/s of a clean campaign, in fast and numeric mode, with
-1 and 2 workers.
+"""Fuzzer throughput, measured two ways.
 
-* fast mode: the dummy network (fake logits; memory, scheduling and checkers only);
-* numeric mode: the tiny random Llama in float64, every finished request's tokens compared
-  with the same request run alone.
+**As users run it (the headline, issue 14):** ``lorainv fuzz --fast --max-examples N --seed S
+--strict L --json R`` in a subprocess, reading ``ops_per_s`` from its JSON report (one worker;
+wall time from after the imports to the end of the last round, so interpreter and torch
+start-up are excluded, as in the CLI itself) and the child's user+system CPU seconds per op
+(start-up included, the same for both trees). With ``--old DIR`` (default: ``/work/base`` when
+it exists) the same command also runs against that tree (``PYTHONPATH=DIR``), alternating
+old/new for ``--pairs`` pairs, same seed and budget, at each ``--strict`` level. The two trees
+may run different op mixes (ops per example differ), so compare ops/s and CPU ms/op, not
+wall time. The machine is shared: the medians of the pairs are reported.
+
+**In-process campaigns** (the earlier measure): ops/s and examples/s of a clean campaign, in
+fast and numeric mode, with 1 and 2 workers:
+
+* fast mode: the fingerprint network (tokens checked by the token oracle);
+* numeric mode: the tiny random Llama in float64, checked against the numeric oracle.
 
 A *worker* is a separate process (``multiprocessing``, spawn) running
 ``run_campaign(shrink=False, derandomize=False)`` without faults, as a pytest-xdist worker
@@ -15,25 +26,140 @@ would. Both settings do exactly the same work — one campaign per seed of a fix
 
 Throughput is total ops (and examples) over the wall time from the barrier to the last
 campaign's end; the median over repeats is reported. Workers use one torch thread each.
+This differs from the CLI path in three ways: one ``run_campaign`` per seed instead of the
+CLI's rounds of 25 examples, no shrinking phase set-up, and the imports are warmed first.
 
 Run ``python -m bench.fuzz_throughput [--quick]``; writes ``bench/results/fuzz_throughput.json``.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from bench import common
 
 NAME = "fuzz_throughput"
 MODES = {"fast": ("dummy", False), "numeric": ("tiny", True)}
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OLD = Path("/work/base")
+
+
+@dataclass
+class CliRun:
+    tree: str  # "new" (this checkout) or "old" (--old)
+    strict: int
+    examples: int
+    ops: int
+    ops_per_s: float  # the report's own figure
+    cpu_s: float  # the child's user + system CPU seconds (start-up included)
+    cpu_ms_per_op: float  # (cpu_s - start-up CPU of the tree) / ops: the campaign's own cost per op
+    startup_cpu_s: float  # the tree's bare start-up CPU (measured once per tree, subtracted)
+
+
+def run_cli(tree: Path, strict: int, examples: int, seed: int, work: str) -> tuple[int, float, float]:
+    """One ``lorainv fuzz --fast`` subprocess on ``tree``; returns (ops, report ops/s, CPU seconds)."""
+    report = Path(work) / f"fuzz-{os.getpid()}.json"
+    env = {**os.environ, "PYTHONPATH": str(tree), "LORAINV_TRACE_DIR": work, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lorainv.cli", "fuzz", "--fast", "--max-examples", str(examples)]
+    cmd += ["--seed", str(seed), "--strict", str(strict), "--json", str(report), "--quiet"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=3600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lorainv fuzz on {tree} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    doc = json.loads(report.read_text())
+    if doc.get("violations"):
+        raise RuntimeError(f"clean fuzz on {tree} found a violation: {doc.get('violation')}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return int(doc["ops"]), float(doc["ops_per_s"]), cpu
+
+
+def import_cpu(tree: Path, work: str) -> float:
+    """CPU seconds a bare start-up of ``tree`` costs (interpreter, the CLI and the campaign's
+    imports, torch included): subtracted from each run's CPU to get the campaign's own."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    code = "import lorainv.cli, lorainv.testing.campaign"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", code], cwd=work, env=env, check=True, timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def measure_cli(
+    trees: dict[str, Path], levels: Sequence[int], examples: int, pairs: int, seed: int, work: str
+) -> list[CliRun]:
+    """Every tree at every level, ``pairs`` times, alternating trees within each pair."""
+    out = []
+    start = {name: import_cpu(tree, work) for name, tree in trees.items()}
+    for strict in levels:
+        for _ in range(pairs):
+            for name, tree in trees.items():
+                ops, rate, cpu = run_cli(tree, strict, examples, seed, work)
+                out.append(
+                    CliRun(
+                        name,
+                        strict,
+                        examples,
+                        ops,
+                        round(rate, 1),
+                        round(cpu, 2),
+                        round(1000 * (cpu - start[name]) / ops, 3),
+                        round(start[name], 2),
+                    )
+                )
+                print(
+                    f"  cli {name} strict {strict}: {rate:.0f} ops/s, {out[-1].cpu_ms_per_op:.3f} CPU ms/op",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return out
+
+
+def render_cli(runs: Sequence[CliRun]) -> tuple[str, list[dict[str, Any]]]:
+    """A table of medians per (strict, tree), with new/old ratios; also returned as rows."""
+    rows, summary = [], []
+    for strict in sorted({r.strict for r in runs}):
+        med: dict[str, tuple[float, float]] = {}
+        for tree in ("old", "new"):
+            mine = [r for r in runs if r.strict == strict and r.tree == tree]
+            if mine:
+                med[tree] = (common.median([r.ops_per_s for r in mine]), common.median([r.cpu_ms_per_op for r in mine]))
+        for tree, (rate, cpu) in med.items():
+            ratio = rate / med["old"][0] if "old" in med else None
+            cpu_ratio = med["old"][1] / cpu if "old" in med else None
+            rows.append(
+                [
+                    strict,
+                    tree,
+                    f"{rate:.0f}",
+                    f"{cpu:.3f}",
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                    "-" if cpu_ratio is None else f"{cpu_ratio:.2f}x",
+                ]
+            )
+            summary.append(
+                {
+                    "strict": strict,
+                    "tree": tree,
+                    "ops_per_s": round(rate, 1),
+                    "cpu_ms_per_op": cpu,
+                    "vs_old_ops_per_s": None if ratio is None else round(ratio, 3),
+                    "vs_old_cpu": None if cpu_ratio is None else round(cpu_ratio, 3),
+                }
+            )
+    head = ["strict", "tree", "ops/s (median)", "CPU ms/op", "ops/s vs old", "CPU vs old"]
+    return common.table(head, rows), summary
 
 
 @dataclass
@@ -138,29 +264,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast-examples", type=int, default=None, help="examples per campaign (default 300, quick 60)")
     p.add_argument("--numeric-examples", type=int, default=None, help="examples per campaign (default 40, quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per setting (default 3, quick 1)")
-    p.add_argument("--modes", default="fast,numeric", help="comma-separated subset of fast,numeric")
+    p.add_argument("--modes", default="fast,numeric", help="comma-separated subset of fast,numeric ('' for none)")
+    p.add_argument("--cli-examples", type=int, default=None, help="lorainv fuzz --max-examples (default 200, quick 20)")
+    p.add_argument("--pairs", type=int, default=None, help="old/new pairs per strict level (default 3, quick 1)")
+    p.add_argument("--strict", default=None, help="strict levels for the CLI runs (default 0,2; quick 0)")
+    p.add_argument("--seed", type=int, default=1, help="lorainv fuzz --seed (default 1)")
+    p.add_argument(
+        "--old", type=Path, default=DEFAULT_OLD if DEFAULT_OLD.is_dir() else None, help="old tree to compare"
+    )
+    p.add_argument("--no-cli", action="store_true", help="skip the lorainv fuzz subprocess runs")
     args = p.parse_args(argv)
     n_fast = args.fast_examples or (60 if args.quick else 300)
     n_num = args.numeric_examples or (8 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
+    n_cli = args.cli_examples or (20 if args.quick else 200)
+    pairs = args.pairs or (1 if args.quick else 3)
+    levels = [int(x) for x in (args.strict or ("0" if args.quick else "0,2")).split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in MODES for m in modes) or min(n_fast, n_num, repeats) < 1:
+    if any(m not in MODES for m in modes) or min(n_fast, n_num, repeats, n_cli, pairs) < 1:
         p.error("--modes takes fast,numeric; counts must be >= 1")
+    if any(lv not in (0, 1, 2) for lv in levels):
+        p.error("--strict takes levels 0, 1, 2")
     t0 = time.perf_counter()
     results = []
+    cli: list[CliRun] = []
+    trees = {"old": args.old.resolve()} if args.old is not None else {}
+    trees["new"] = ROOT
     with tempfile.TemporaryDirectory() as traces:
+        if not args.no_cli:
+            cli = measure_cli(trees, levels, n_cli, pairs, args.seed, traces)
         for mode in modes:
             n = n_fast if mode == "fast" else n_num
             for workers in (1, 2):
                 results.append(measure(mode, workers, n, repeats, traces))
                 print(f"  {mode} x{workers}: {results[-1].ops_per_s:.0f} ops/s", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t0
-    print(f"fuzz_throughput — clean campaigns, 2 seeds per setting ({common.MACHINE_NOTE}; shared machine)\n")
-    print(render(results))
-    print(
-        "\n'2 workers' = two spawned processes, one campaign (seed) each, run at the same time; '1 worker' runs the"
-        "\nsame two campaigns one after the other in one process. Throughput = total / wall time."
-    )
+    summary: list[dict[str, Any]] = []
+    print(f"fuzz_throughput ({common.MACHINE_NOTE}; shared machine)\n")
+    if cli:
+        table, summary = render_cli(cli)
+        print(f"lorainv fuzz --fast --max-examples {n_cli} --seed {args.seed}, one worker, {pairs} pair(s), medians:")
+        print(table)
+        print(
+            "ops/s: the report's ops_per_s (wall, after imports); CPU ms/op: the child's user+system CPU minus the"
+            f"\ntree's bare start-up CPU, over its ops. old = {trees.get('old', '-')}, new = {ROOT}; run alternately.\n"
+        )
+    if results:
+        print("in-process campaigns, 2 seeds per setting:")
+        print(render(results))
+        print(
+            "\n'2 workers' = two spawned processes, one campaign (seed) each, run at the same time; '1 worker' runs"
+            "\nthe same two campaigns one after the other in one process. Throughput = total / wall time."
+        )
     doc = {
         "quick": args.quick,
         "repeats": repeats,
@@ -168,9 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method": "2 workers: 2 spawned processes (multiprocessing), one campaign each, same seeds as 1 worker "
         "running both sequentially; throughput = total ops / wall time from a start barrier",
         "results": [asdict(r) for r in results],
+        "cli_method": "lorainv fuzz --fast subprocesses, old (PYTHONPATH=old tree) and new alternating, same seed and "
+        "budget; ops_per_s from the JSON report, CPU from getrusage(RUSAGE_CHILDREN)",
+        "cli_runs": [asdict(r) for r in cli],
+        "cli_summary": summary,
     }
     path = common.write_json(args.out, NAME, doc)
-    print(f"\n{len(results)} settings in {elapsed:.1f} s; wrote {path}")
+    print(f"\n{len(results) + len(cli)} runs in {elapsed:.1f} s; wrote {path}")
     return 0
 
 

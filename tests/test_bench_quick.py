@@ -46,7 +46,12 @@ def test_detect_finds_every_fault(tmp_path: Path) -> None:
 
 
 def test_fuzz_throughput(tmp_path: Path) -> None:
-    doc = run("fuzz_throughput", tmp_path, "--fast-examples", "15", "--numeric-examples", "3")
+    doc = run("fuzz_throughput", tmp_path, "--fast-examples", "15", "--numeric-examples", "3", "--cli-examples", "5")
+    # the CLI path users run: this tree (and the old one, when there is one), each at strict 0
+    cli = doc["cli_runs"]
+    assert "new" in {r["tree"] for r in cli} and {r["strict"] for r in cli} == {0}
+    for r in cli:
+        assert r["examples"] == 5 and r["ops"] > 0 and r["ops_per_s"] > 0 and r["cpu_s"] > r["startup_cpu_s"] > 0
     got = {(r["mode"], r["workers"]): r for r in doc["results"]}
     assert set(got) == {("fast", 1), ("fast", 2), ("numeric", 1), ("numeric", 2)}
     for r in got.values():
