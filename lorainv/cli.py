@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", metavar="REPORT", help="write a JSON report")
     f.add_argument("--list-faults", action="store_true", help="print the fault catalogue and exit")
     f.add_argument("--quiet", action="store_true", help="no live progress line")
+    f.add_argument("--target", default="lorainv", help="engine to fuzz: lorainv (default) or vllm (ci/install-vllm.sh)")
+    f.add_argument(
+        "--target-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the target (repeatable), e.g. reload_paths=versioned for vllm",
+    )
 
     r = sub.add_parser("replay", help="re-run a saved trace deterministically")
     r.add_argument("trace")
@@ -118,6 +126,28 @@ def cmd_list_faults(out: TextIO) -> int:
     return 0
 
 
+def _fuzz_target(a: argparse.Namespace, out: TextIO) -> int:
+    """``--target`` other than lorainv: the campaign of `lorainv.targets.fuzz` (its rules are
+    the target's ops; its checkers and model are the target's)."""
+    bad = [flag for flag, on in (("--faults", a.faults), ("--numeric", a.numeric), ("--strict", a.strict)) if on]
+    if bad:
+        sys.stderr.write(f"lorainv fuzz: {', '.join(bad)} apply to lorainv's engine only, not --target {a.target}\n")
+        return 2
+    if a.max_examples is not None and a.max_examples < 1:
+        sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
+        return 2
+    if a.minutes is not None and not 0 < a.minutes < float("inf"):
+        sys.stderr.write("lorainv fuzz: --minutes must be a finite number > 0\n")
+        return 2
+    from lorainv.targets.fuzz import cmd_fuzz_target
+
+    try:
+        return cmd_fuzz_target(a, out)
+    except ImportError as e:
+        sys.stderr.write(f"lorainv fuzz: target {a.target!r} needs {e.name or e}; for vllm run ci/install-vllm.sh\n")
+        return 2
+
+
 def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     from lorainv.impl.faults import FAULTS
     from lorainv.testing.campaign import run_campaign
@@ -125,6 +155,8 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
 
     if a.list_faults:
         return cmd_list_faults(out)
+    if a.target != "lorainv":
+        return _fuzz_target(a, out)
     faults = frozenset(f.strip() for f in a.faults.split(",") if f.strip())
     unknown = sorted(faults - set(FAULTS))
     if unknown:
@@ -274,7 +306,11 @@ def cmd_replay(a: argparse.Namespace, out: TextIO) -> int:
     from lorainv.trace import load, print_replay
 
     trace = load(a.trace)
-    out.write(f"replaying {a.trace}: {len(trace.ops)} ops, faults {sorted(trace.config.faults) or 'none'}\n\n")
+    from lorainv.targets.drive import trace_target
+
+    target = trace_target(trace)[0]
+    on = "" if target == "lorainv" else f", target {target}"
+    out.write(f"replaying {a.trace}: {len(trace.ops)} ops, faults {sorted(trace.config.faults) or 'none'}{on}\n\n")
     res = print_replay(trace, out, verbose=a.verbose)
     return 1 if res.violations else 0
 

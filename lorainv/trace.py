@@ -4,7 +4,10 @@ Format::
 
     {"format": 1, "lorainv": "0.1.0", "config": {...RuntimeConfig...}, "seed": 0,
      "numeric": false, "ops": [{"op": "AddRequest", ...}, ...],
-     "expect": {"pool": "kv", "invariant": "K3"} | null}
+     "expect": {"pool": "kv", "invariant": "K3"} | null, "target": "lorainv"}
+
+``target`` names the engine the trace ran on (`lorainv.targets`); a trace without it ran on
+lorainv's own engine. Constructor options of the target, if any, are ``meta["target_options"]``.
 
 Traces are written atomically (temp file + rename) and validated on load: every problem is
 a `TraceError` naming the field. Files over ``MAX_TRACE_BYTES`` are refused unread.
@@ -38,6 +41,7 @@ class Trace:
     numeric: bool = False
     expect: dict[str, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    target: str = "lorainv"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,13 +53,15 @@ class Trace:
             "ops": [op.to_dict() for op in self.ops],
             "expect": self.expect,
             "meta": self.meta,
+            "target": self.target,
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> Trace:
         if not isinstance(data, dict):
             raise TraceError(f"trace must be a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"format", "lorainv", "config", "seed", "numeric", "ops", "expect", "meta"})
+        known = {"format", "lorainv", "config", "seed", "numeric", "ops", "expect", "meta", "target"}
+        unknown = sorted(set(data) - known)
         if unknown:
             raise TraceError(f"trace: unknown field(s) {unknown}")
         for key in ("format", "config", "ops"):
@@ -96,7 +102,10 @@ class Trace:
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise TraceError("trace.meta must be an object")
-        return cls(config, tuple(ops), seed, numeric, expect, meta)
+        target = data.get("target", "lorainv")
+        if not isinstance(target, str) or not target.isidentifier():
+            raise TraceError(f"trace.target must be a target name such as 'lorainv' or 'vllm', got {target!r}")
+        return cls(config, tuple(ops), seed, numeric, expect, meta, target)
 
 
 def save(trace: Trace, path: str | os.PathLike[str]) -> Path:

@@ -45,14 +45,22 @@ class Harness:
         model: Any = None,
         tokens: bool | None = None,
         policy: frozenset[str] | None = None,
+        target: Any = None,
     ) -> None:
         """``tokens``: judge every `Decoded` with the token oracle; None (default) does so exactly
         when the engine runs the fingerprint network (fast mode), whose tokens the oracle predicts.
-        ``policy``: the policy checks to run (names from `POLICY_CHECKS`); None runs them all."""
+        ``policy``: the policy checks to run (names from `POLICY_CHECKS`); None runs them all.
+        ``target``: None or "lorainv" (lorainv's engine, as always), another target's name
+        (`lorainv.targets.make_target`) or a `Target`; any other target runs through
+        `lorainv.targets.drive.TargetRun` (its own model and checkers, the token oracle)."""
         from lorainv.impl.engine import Engine
         from lorainv.impl.fingerprint_net import FingerprintNetwork
 
         self.cfg = cfg
+        self._run: Any = None
+        if target is not None and getattr(target, "name", target) != "lorainv":
+            self._init_target(cfg, target, numeric)
+            return
         self.engine = Engine(cfg, model=model)
         net = self.engine.network
         self.model = ReferenceModel(cfg, vocab_size=net.vocab_size, max_context_len=net.max_context_len, policy=policy)
@@ -72,12 +80,36 @@ class Harness:
             self.recorder = LogitsRecorder(self.engine.network, lambda: len(self.records))
             self.engine.network = self.recorder
 
+    def _init_target(self, cfg: RuntimeConfig, target: Any, numeric: bool) -> None:
+        from lorainv.errors import ConfigError
+        from lorainv.targets import make_target
+        from lorainv.targets.drive import TargetRun
+
+        if numeric:
+            raise ConfigError("numeric mode needs lorainv's engine (it records the engine's logits)")
+        t: Any = make_target(target, cfg) if isinstance(target, str) else target
+        self._run = TargetRun(t)
+        self.engine = t
+        self.model = self._run.model
+        self.tokens = self._run.tokens
+        self.checkers = self._run.checkers
+        self.numeric = False
+        self.records = []
+        self.sources, self.request_sources, self.history = {}, {}, {}
+        self.on_record = None
+        self.recorder = None
+
     @property
     def ops(self) -> list[Op]:
         return [r.op for r in self.records]
 
     def apply(self, op: Op) -> OpRecord:
         """Apply ``op``; the record carries its events and any violation it caused."""
+        if self._run is not None:
+            got = self._run.apply(op)
+            rec = OpRecord(got.op, got.events, got.violations)
+            self._push(rec)
+            return rec
         eng = self.engine
         hist = ()
         if isinstance(op, AddRequest) and op.session_id is not None:
@@ -118,6 +150,12 @@ class Harness:
 
     def finish(self, max_steps: int | None = None) -> list[Violation]:
         """Teardown: liveness (drain to idle within a bound), idle leak check, numerics."""
+        if self._run is not None:
+            n = len(self._run.records)
+            found: list[Violation] = self._run.finish(max_steps)
+            for got in self._run.records[n:]:
+                self._push(OpRecord(got.op, got.events, got.violations))
+            return found
         eng = self.engine
         if max_steps is None:
             live = [r for r in eng.requests.values() if r.state.live]

@@ -34,8 +34,14 @@ class ReplayResult:
 
 
 def replay(trace: Trace, *, on_record: Callable[[Any], None] | None = None) -> ReplayResult:
-    """Re-run ``trace`` on a fresh engine and model; stops at the first violation."""
-    h = Harness(trace.config, numeric=trace.numeric)
+    """Re-run ``trace`` on a fresh engine (of the trace's target) and model; stops at the first
+    violation."""
+    from lorainv.targets import make_target
+    from lorainv.targets.drive import trace_target
+
+    name, opts = trace_target(trace)
+    target = None if name == "lorainv" else make_target(name, trace.config, **opts)
+    h = Harness(trace.config, numeric=trace.numeric, target=target)
     h.on_record = on_record
     for i, op in enumerate(trace.ops):
         rec = h.apply(op)
