@@ -10,17 +10,26 @@ result is the ratio of the median step times, level 2 over level 0.
 * fast mode: the dummy network (fake logits), at 10, 100 and 1000 live requests;
 * numeric mode: the tiny random Llama, at 10 and 100 live requests.
 
+With ``--old DIR`` (default: ``/work/base`` when it exists) the same benchmark then runs
+against that tree in a subprocess (``PYTHONPATH=DIR``, this file's code) right after, and both
+tables are printed and saved (``old_results``), so old and new come from the same run.
+
 Run ``python -m bench.check_overhead [--quick]``; writes ``bench/results/check_overhead.json``.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +42,8 @@ from lorainv.ops import AddRequest, LoadAdapter, Op, Step
 ADAPTERS = (None, "a", "b", "c")
 PROMPT_LEN = 8
 NAME = "check_overhead"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OLD = Path("/work/base")
 
 
 @dataclass(frozen=True)
@@ -153,10 +164,30 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join(rows)
 
 
+def run_old(tree: Path, quick: bool, repeats: int, steps: int, threads: int) -> list[dict[str, Any]]:
+    """This benchmark on ``tree``'s lorainv (a subprocess with ``PYTHONPATH=tree``); its results."""
+    with tempfile.TemporaryDirectory() as out:
+        # a path holding only this benchmark package and the old tree's lorainv (the old tree
+        # may have a bench package of its own)
+        (Path(out) / "bench").symlink_to(ROOT / "bench")
+        (Path(out) / "lorainv").symlink_to(tree.resolve() / "lorainv")
+        env = {**os.environ, "PYTHONPATH": out}
+        cmd = [sys.executable, "-m", "bench.check_overhead", "--no-old", "--out", out]
+        cmd += ["--repeats", str(repeats), "--steps", str(steps), "--threads", str(threads)]
+        cmd += ["--quick"] if quick else []
+        subprocess.run(cmd, cwd=out, env=env, check=True, capture_output=True, timeout=3600)
+        doc = json.loads((Path(out) / f"{NAME}.json").read_text())
+    return list(doc["results"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(NAME, __doc__)
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per level (default 7, quick 3)")
     p.add_argument("--steps", type=int, default=None, help="decode steps per block (default 10, quick 4)")
+    p.add_argument(
+        "--old", type=Path, default=DEFAULT_OLD if DEFAULT_OLD.is_dir() else None, help="old tree to compare"
+    )
+    p.add_argument("--no-old", action="store_true", help="measure this tree only")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.steps = args.steps or (4 if args.quick else 10)
@@ -168,9 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case in cases(args.quick):
         results.append(measure(case, args.repeats, args.steps))
         print(f"  {case.mode}/{case.network} live={case.live}: done", file=sys.stderr, flush=True)
+    old: list[dict[str, Any]] = []
+    if args.old is not None and not args.no_old:
+        old = run_old(args.old, args.quick, args.repeats, args.steps, args.threads)
     elapsed = time.perf_counter() - t0
     print(f"check_overhead — strict level 2 vs level 0 ({common.MACHINE_NOTE})\n")
     print(table(results))
+    if old:
+        print(f"\nold tree {args.old} (same benchmark code, run right after):")
+        print(table([Result(**r) for r in old]))
     doc = {
         "quick": args.quick,
         "repeats": args.repeats,
@@ -178,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_threads": args.threads,
         "elapsed_s": round(elapsed, 2),
         "results": [asdict(r) for r in results],
+        "old_tree": None if not old else str(args.old),
+        "old_results": old,
     }
     path = common.write_json(args.out, NAME, doc)
     print(f"\n{len(results)} cases in {elapsed:.1f} s; wrote {path}")
