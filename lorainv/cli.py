@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", metavar="REPORT", help="write a JSON report")
     f.add_argument("--list-faults", action="store_true", help="print the fault catalogue and exit")
     f.add_argument("--quiet", action="store_true", help="no live progress line")
+    f.add_argument(
+        "--no-shrink", action="store_true", help="save the first failing example as found, unshrunk (faster)"
+    )
     f.add_argument("--target", default="lorainv", help="engine to fuzz: lorainv (default) or vllm (ci/install-vllm.sh)")
     f.add_argument(
         "--target-option",
@@ -212,6 +215,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
             overrides=overrides,
             progress=progress,
             name=f"fuzz-{mode}",
+            shrink=not a.no_shrink,
         )
         total["examples"] += res.examples
         total["ops"] += res.ops
