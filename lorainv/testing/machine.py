@@ -218,7 +218,6 @@ class LorainvMachine(RuleBasedStateMachine):
         self.failed: list[Violation] = []
         self.n = 0
         self.turn = 0
-        self.script_turn = 0
         self.vocab = HOT
         self.tokens: st.SearchStrategy[int] = st.integers(0, HOT - 1)
         # generator-side memory (what was asked; the engine is read for what is)
@@ -359,7 +358,6 @@ class LorainvMachine(RuleBasedStateMachine):
         # where this example starts in the cycles of invalid variants and scripts: cycling (not
         # a fresh draw per call) spreads a campaign evenly over every variant
         self.turn = data.draw(st.integers(0, (1 << 16) - 1), label="cycle offset")
-        self.script_turn = self.turn  # its own counter: deleting an invalid_op step keeps the scripts
         for name in ("a0", "a1"):
             self._load(name, ADAPTERS[name], False, "fresh")
 
@@ -814,8 +812,8 @@ class LorainvMachine(RuleBasedStateMachine):
             kinds.append("two-turns")
         if self.h.cfg.lora_drain_wait_threshold > 0:
             kinds.append("drain-then-abort")
-        kind = kinds[self.script_turn % len(kinds)]
-        self.script_turn += 1
+        kind = kinds[self.turn % len(kinds)]
+        self.turn += 1
         if kind == "prefix-then-end":
             self._prefix_then_end(data)
         elif kind == "busy-pin-or-abort":
