@@ -525,7 +525,7 @@ class LorainvMachine(RuleBasedStateMachine):
         """Open a session that is closed (while the limit allows), or close an open one."""
         assert self.h is not None
         is_open = self._open()
-        choices: list[O.Op] = []
+        choices: list[O.OpenSession | O.CloseSession] = []
         if len(is_open) < self.h.cfg.max_sessions:
             choices += [O.OpenSession(s) for s in SESSIONS if s not in is_open]
         choices += [O.CloseSession(s) for s in is_open]
