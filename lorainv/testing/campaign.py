@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
@@ -52,6 +53,18 @@ class CampaignResult:
     def coverage(self) -> dict[str, Any]:
         """Op variants, event kinds and rare states reached (`coverage_report` of the stats)."""
         return coverage_report(self.stats)
+
+
+def _minimize_saved(trace: Trace, path: str | None) -> tuple[Trace, str | None]:
+    """Delta-debug Hypothesis's shrunk trace by replay (`lorainv.testing.minimize`) and
+    overwrite the saved file with the result when it is shorter."""
+    from lorainv.testing.minimize import minimize
+    from lorainv.trace import save
+
+    smaller = minimize(trace)
+    if len(smaller.ops) < len(trace.ops) and path is not None:
+        save(smaller, Path(path))
+    return smaller, path
 
 
 def run_campaign(
@@ -107,10 +120,13 @@ def run_campaign(
         found = True
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
     st = machine.stats
+    trace, path = (machine.last_failure, machine.last_trace_path) if found else (None, None)
+    if trace is not None and shrink:
+        trace, path = _minimize_saved(trace, path)
     return CampaignResult(
         found=found,
-        trace=machine.last_failure if found else None,
-        trace_path=machine.last_trace_path if found else None,
+        trace=trace,
+        trace_path=path,
         seconds=time.monotonic() - t0,
         examples=st.get("examples", 0),
         ops=st.get("ops", 0),
