@@ -202,8 +202,14 @@ def take_snapshot(engine: Any) -> Snapshot:
     reqs = []
     # one host view of the whole table (no copy on a CPU device); each row's slice is copied
     r2t = engine.rows.req_to_token.detach().cpu().numpy()
+    held = 0  # K1's held_by_requests: tokens the live requests account for
+    finished = []
     for r in engine.requests.values():
         reqs.append(_req(r, r2t))
+        if r.state.live:
+            held += r.held_tokens
+        else:
+            finished.append(r.rid)
     nodes = tuple(
         PrefixNodeSnap(
             n.id,
@@ -219,7 +225,6 @@ def take_snapshot(engine: Any) -> Snapshot:
         SessionSnap(x.session_id, x.row, np.asarray(x.indices).copy(), x.kv_len, x.is_active, x.active_rid, x.adapter)
         for x in engine.sessions.slots.values()
     )
-    held = sum(r.held_tokens for r in engine.requests.values() if r.state.live)
     drainer = engine.drainer
     return build(
         Snapshot,
@@ -247,6 +252,6 @@ def take_snapshot(engine: Any) -> Snapshot:
         ),
         max_loras_per_batch=engine.cfg.max_loras_per_batch,
         idle=idle,
-        finished=tuple(r.rid for r in engine.requests.values() if not r.state.live),
+        finished=tuple(finished),
         pinned=_pinned(engine),
     )
