@@ -48,7 +48,8 @@ BIN_FILE = "adapter_model.bin"
 _PARENT = {m: ("self_attn" if MODULE_GROUP[m] in ("qkv", "o") else "mlp") for m in TARGET_MODULES}
 _TENSOR_RE = re.compile(r"base_model\.model\.(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+))\.lora_([AB])\.weight")
 # Config fields whose non-default value changes the math: serving them would silently be wrong.
-_REFUSED = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None}
+_REFUSED: dict[str, Any] = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None}
+_REFUSED.update({"layers_to_transform": None})
 _REFUSED.update({"layers_pattern": None, "target_parameters": None, "lora_bias": False, "bias": "none"})
 _REFUSED.update({"exclude_modules": None, "trainable_token_indices": None, "layer_replication": None})
 
@@ -124,9 +125,9 @@ def _compile_safe(pattern: str, where: str) -> re.Pattern[str]:
 
 def _nested_repeat(pattern: str) -> bool:
     try:
-        from re import _parser as sre  # type: ignore[attr-defined]  # CPython >= 3.11
+        from re import _parser as sre  # type: ignore[attr-defined,unused-ignore]  # CPython >= 3.11
     except ImportError:  # pragma: no cover - Python 3.10
-        import sre_parse as sre  # type: ignore[no-redef]
+        import sre_parse as sre  # type: ignore[no-redef,unused-ignore]
     repeats = {sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", sre.MAX_REPEAT)}
 
     def walk(items: Any, under_star: bool) -> bool:
@@ -342,7 +343,7 @@ def _check_tensors(
             raise AdapterShapeError(f"{fname}: tensor {tname!r} has shape {tuple(t.shape)}; expected {want}")
         if not bool(torch.isfinite(t.float()).all()):  # float(): isfinite lacks some float8 kernels
             raise AdapterNumericError(f"{fname}: tensor {tname!r} holds NaN or Inf")
-        found[(*key, m.group(5))] = t
+        found[(key[0], key[1], m.group(5))] = t
     out = {}
     for layer, mod in sorted(spec.modules):
         for which in "AB":
@@ -442,7 +443,8 @@ def write_peft_adapter(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tm = target_modules if isinstance(target_modules, str) else sorted(set(target_modules))
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True}
+    cfg: dict[str, Any] = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None}
+    cfg["inference_mode"] = True
     cfg.update(r=rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=tm, use_rslora=use_rslora)
     cfg.update(rank_pattern=rp, alpha_pattern=ap, init_lora_weights=True, **_REFUSED)
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))

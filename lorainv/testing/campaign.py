@@ -97,7 +97,7 @@ def run_campaign(
                 cfg.setdefault(k, v)
     machine: type[LorainvMachine] = make_machine(name, network=network, numeric=numeric, **cfg)
     if progress is not None:
-        machine.progress = staticmethod(progress)  # type: ignore[attr-defined]
+        machine.progress = staticmethod(progress)
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
     s = settings(
         max_examples=max_examples,

@@ -111,7 +111,7 @@ class Harness:
             self._push(rec)
             return rec
         eng = self.engine
-        hist = ()
+        hist: tuple[int, ...] = ()
         if isinstance(op, AddRequest) and op.session_id is not None:
             slot = eng.sessions.slots.get(op.session_id)
             hist = slot.tokens if slot is not None else ()
@@ -168,9 +168,9 @@ class Harness:
                 if rec.violations:
                     return rec.violations
         if not eng.is_idle():
-            live = tuple(r.rid for r in eng.requests.values() if r.state.live)
+            stalled = tuple(r.rid for r in eng.requests.values() if r.state.live)
             return [
-                Violation("requests", "liveness", f"not idle after {max_steps} steps with no new ops; stalled", live)
+                Violation("requests", "liveness", f"not idle after {max_steps} steps with no new ops; stalled", stalled)
             ]
         out = run_checks(eng.snapshot(), self.checkers)
         if not out and self.numeric:
