@@ -142,20 +142,25 @@ def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
     bulk of a long run) is reused from the last snapshot when every field it is made of is
     equal (its arrays are empty, so sharing them shares nothing mutable)."""
     fill = tuple(r.fill)
-    cache_node = None if r.cache_node is None or r.cache_node.parent is None else r.cache_node.id
+    node = r.cache_node
+    cache_node = None if node is None or node.parent is None else node.id
     session_alloc = r.session_alloc if r.session_lent else 0
-    bare = r.row is None and len(r.indices) == 0
+    state = r.state.value
+    row = r.row
+    indices = r.indices
+    n_out = len(r.output)
+    bare = row is None and len(indices) == 0
     if bare:
         key = (
             r.rid,
-            r.state.value,
+            state,
             r.adapter,
             r.session_id,
             r.kv_len,
             r.cache_len,
             session_alloc,
             r.own_row,
-            len(r.output),
+            n_out,
             r.max_new_tokens,
             cache_node,
             fill,
@@ -163,20 +168,21 @@ def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
         hit = _REQ_MEMO.get(id(r))
         if hit is not None and hit[0] is r and hit[1] == key:
             return hit[2]
-    entries = r2t[r.row, : len(r.indices)].copy() if r.row is not None else np.zeros(0, np.int64)
+    indices = np.array(indices, dtype=np.int64)  # a copy
+    entries = r2t[row, : len(indices)].copy() if row is not None else np.zeros(0, np.int64)
     snap = build(
         ReqSnap,
         rid=r.rid,
-        state=r.state.value,
+        state=state,
         adapter=r.adapter,
         session_id=r.session_id,
-        row=r.row,
-        indices=np.asarray(r.indices, dtype=np.int64).copy(),
+        row=row,
+        indices=indices,
         kv_len=r.kv_len,
         cache_len=r.cache_len,
         session_alloc=session_alloc,
         own_row=r.own_row,
-        output_len=len(r.output),
+        output_len=n_out,
         max_new_tokens=r.max_new_tokens,
         fill_len=len(fill),
         row_entries=entries,
