@@ -41,8 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--strict", type=int, choices=[0, 1, 2], default=0, help="engine strict_mem_check level")
     f.add_argument("--faults", default="", help="comma-separated faults to enable (see --list-faults)")
     mode = f.add_mutually_exclusive_group()
-    mode.add_argument("--fast", action="store_true", help="dummy network only (memory and scheduling)")
-    mode.add_argument("--numeric", action="store_true", help="tiny Llama, outputs checked against isolated runs")
+    mode.add_argument(
+        "--fast",
+        action="store_true",
+        help="fingerprint network: paged KV fingerprints, every token checked by the token oracle",
+    )
+    mode.add_argument(
+        "--numeric", action="store_true", help="tiny Llama in float64, tokens and logits checked by the numeric oracle"
+    )
     f.add_argument("--json", metavar="REPORT", help="write a JSON report")
     f.add_argument("--list-faults", action="store_true", help="print the fault catalogue and exit")
     f.add_argument("--quiet", action="store_true", help="no live progress line")

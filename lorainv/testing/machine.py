@@ -32,8 +32,9 @@ drainer knobs, retry budget, session limit, page size 1 or 2, ``max_finished_req
 small sometimes). The first value of each choice is the historic one, so shrinking heads
 back to the old configs. Subclass and set the class attributes, or use `make_machine`:
 
-* ``network``: ``"dummy"`` (fast) or ``"tiny"`` (real numerics);
-* ``numeric``: compare every finished request's tokens with the request run alone;
+* ``network``: ``"dummy"`` (fast: the fingerprint network, every token judged by the token
+  oracle) or ``"tiny"`` (real numerics);
+* ``numeric``: judge every token and logit row with the independent numeric oracle;
 * ``config_overrides``: fixed `RuntimeConfig` fields (``faults=...`` to hunt a fault).
 
 When an example fails, the final (shrunk) op sequence is saved as a JSON trace under
@@ -68,29 +69,12 @@ ADAPTER_SOURCES: dict[str, tuple[str, ...]] = {
     "a3": ("gen:4:14", "gen:5:24:10:rs", "gen:7:34", "gen:1:44"),
 }
 ADAPTERS: dict[str, str] = {name: sources[0] for name, sources in ADAPTER_SOURCES.items()}
-_ALPHA_HONOURED: list[bool] = []
-
-
-def engine_honours_gen_alpha() -> bool:
-    """Whether `Engine` builds ``gen:<rank>:<seed>:<alpha>[:rs]`` sources with their alpha
-    (probed once per process on a scratch engine). Until it does, the machine draws only
-    two-field gen sources: the token oracle would rightly flag every alpha source."""
-    if not _ALPHA_HONOURED:
-        from lorainv.impl.engine import Engine
-
-        eng = Engine(RuntimeConfig(network="dummy", device="sim", max_lora_rank=2, max_total_tokens=8))
-        eng.apply(O.LoadAdapter("probe", "gen:2:1:4"))
-        ad = eng.registry.get("probe")
-        _ALPHA_HONOURED.append(ad is not None and ad.scaling == 2.0)  # alpha 4 / rank 2
-    return _ALPHA_HONOURED[0]
 
 
 def adapter_sources(name: str) -> tuple[str, ...]:
-    """The sources ``name`` may be loaded from (alpha/rsLoRA ones when the engine builds them)."""
-    sources = ADAPTER_SOURCES[name]
-    if engine_honours_gen_alpha():
-        return sources
-    return tuple(s for s in sources if s.count(":") == 2)
+    """The sources ``name`` may be loaded from: the historic one first, then other weights
+    (other ranks, alpha and rsLoRA) that a reload under the same name draws."""
+    return ADAPTER_SOURCES[name]
 
 
 SESSIONS = ("s0", "s1", "s2", "s3")  # one more than max_sessions allows
