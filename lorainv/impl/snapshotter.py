@@ -41,14 +41,15 @@ def _lora(engine: Any, idle: bool) -> LoraSnap:
     tracked = loader.tracked() if loader is not None else ()
     mapped = set(pool.uid_to_slot)
     ready = frozenset(u for u in mapped if (loader.is_ready(u) if loader is not None else True))
-    return LoraSnap(
+    return build(
+        LoraSnap,
         num_slots=pool.num_slots,
         slot_to_uid=tuple(_uid(u) for u in pool.slot_to_uid),
         uid_to_slot=tuple(sorted(pool.uid_to_slot.items(), key=lambda kv: kv[1])),
         pinned=frozenset(pool.pinned),
         loads=tuple(LoadSnap(t.uid, t.slot, t.done, t.failed) for t in tracked),
         ready=ready,
-        ranks=tuple(int(r) for r in pool.buffers.ranks.tolist()),
+        ranks=tuple(pool.buffers.ranks.tolist()),  # a long tensor: Python ints
         registered=tuple(sorted((n, a.rank) for n, a in engine.registry.items())),
         last_batch=engine.last_batch,
         last_batch_slots=engine.last_batch_slots,
