@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--no-shrink", action="store_true", help="save the first failing example as found, unshrunk (faster)"
     )
+    f.add_argument(
+        "--policy-off",
+        default="",
+        metavar="CHECKS",
+        help="comma-separated policy checks to switch off, or 'all' (for an engine with other policies); "
+        "safety checks are never switched off",
+    )
     f.add_argument("--target", default="lorainv", help="engine to fuzz: lorainv (default) or vllm (ci/install-vllm.sh)")
     f.add_argument(
         "--target-option",
@@ -174,6 +181,18 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     if a.max_examples is not None and a.max_examples < 1:
         sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
         return 2
+    from lorainv.model.policy import POLICY_CHECKS
+
+    off = {p.strip() for p in a.policy_off.split(",") if p.strip()}
+    if off == {"all"}:
+        off = set(POLICY_CHECKS)
+    if off - set(POLICY_CHECKS):
+        sys.stderr.write(
+            f"lorainv fuzz: unknown policy check(s) {sorted(off - set(POLICY_CHECKS))}; "
+            f"choose from {list(POLICY_CHECKS)} or 'all'\n"
+        )
+        return 2
+    policy = None if not off else frozenset(POLICY_CHECKS) - off
     if a.minutes is not None and not 0 < a.minutes < float("inf"):
         sys.stderr.write("lorainv fuzz: --minutes must be a finite number > 0\n")
         return 2
@@ -185,6 +204,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     t0 = time.monotonic()
     live = not a.quiet and out.isatty()
     report: dict[str, Any] = {"seed": a.seed, "faults": sorted(faults), "strict": a.strict, "rounds": []}
+    report["policy_off"] = sorted(off)
     found = None
     rnd = 0
     last_line = t0
@@ -219,6 +239,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
             network="tiny" if mode == "numeric" else "dummy",
             numeric=mode == "numeric",
             overrides=overrides,
+            policy=policy,
             progress=progress,
             name=f"fuzz-{mode}",
             shrink=not a.no_shrink,

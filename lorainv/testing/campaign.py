@@ -80,6 +80,7 @@ def run_campaign(
     overrides: dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     name: str = "fuzz",
+    policy: frozenset[str] | None = None,
 ) -> CampaignResult:
     """Run ``max_examples`` examples of the machine; stop at the first (shrunk) failure.
 
@@ -95,7 +96,7 @@ def run_campaign(
         for f in sorted(faults):
             for k, v in FAULT_SETUPS.get(f, {}).items():
                 cfg.setdefault(k, v)
-    machine: type[LorainvMachine] = make_machine(name, network=network, numeric=numeric, **cfg)
+    machine: type[LorainvMachine] = make_machine(name, network=network, numeric=numeric, policy=policy, **cfg)
     if progress is not None:
         machine.progress = staticmethod(progress)
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])

@@ -188,6 +188,7 @@ class LorainvMachine(RuleBasedStateMachine):
     network: ClassVar[str] = "dummy"
     numeric: ClassVar[bool] = False
     config_overrides: ClassVar[dict[str, Any]] = {}
+    policy: ClassVar[frozenset[str] | None] = None  # policy checks to run (None: all of POLICY_CHECKS)
     trace_name: ClassVar[str] = "machine"
     last_failure: ClassVar[Trace | None] = None
     last_trace_path: ClassVar[str | None] = None
@@ -314,7 +315,8 @@ class LorainvMachine(RuleBasedStateMachine):
             seed=self.h.cfg.seed,
             numeric=self.numeric,
             expect={"pool": first.pool, "invariant": first.invariant},
-            meta={"machine": type(self).__name__, "message": first.message},
+            meta={"machine": type(self).__name__, "message": first.message}
+            | ({} if self.policy is None else {"policy": sorted(self.policy)}),
         )
         type(self).last_failure = trace
         try:
@@ -336,7 +338,7 @@ class LorainvMachine(RuleBasedStateMachine):
     @initialize(data=st.data())
     def setup(self, data: st.DataObject) -> None:
         cfg = data.draw(config_strategy(self.network, **self.config_overrides), label="config")
-        self.h = Harness(cfg, numeric=self.numeric)
+        self.h = Harness(cfg, numeric=self.numeric, policy=self.policy)
         self.vocab = self.h.engine.network.vocab_size
         self.tokens = token_strategy(self.vocab)
         # where this example starts in the cycles of invalid variants and scripts: cycling (not
@@ -974,15 +976,22 @@ def coverage_report(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_machine(
-    name: str = "Machine", *, network: str = "dummy", numeric: bool = False, **config_overrides: Any
+    name: str = "Machine",
+    *,
+    network: str = "dummy",
+    numeric: bool = False,
+    policy: frozenset[str] | None = None,
+    **config_overrides: Any,
 ) -> type[LorainvMachine]:
-    """A machine class with fixed config fields (e.g. ``faults=frozenset({...})``)."""
+    """A machine class with fixed config fields (e.g. ``faults=frozenset({...})``) and the
+    policy checks to run (``policy``; None: all)."""
     return type(
         name,
         (LorainvMachine,),
         {
             "network": network,
             "numeric": numeric,
+            "policy": policy,
             "config_overrides": config_overrides,
             "trace_name": name,
             "stats": {},

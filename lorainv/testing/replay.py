@@ -41,7 +41,9 @@ def replay(trace: Trace, *, on_record: Callable[[Any], None] | None = None) -> R
 
     name, opts = trace_target(trace)
     target = None if name == "lorainv" else make_target(name, trace.config, **opts)
-    h = Harness(trace.config, numeric=trace.numeric, target=target)
+    policy = trace.meta.get("policy")  # the policy checks the trace was fuzzed with (absent: all)
+    enabled = None if not isinstance(policy, list) else frozenset(str(p) for p in policy)
+    h = Harness(trace.config, numeric=trace.numeric, target=target, policy=enabled)
     h.on_record = on_record
     for i, op in enumerate(trace.ops):
         rec = h.apply(op)

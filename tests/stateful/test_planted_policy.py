@@ -10,6 +10,7 @@ as it is today and fails loudly if that line is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import textwrap
@@ -23,7 +24,9 @@ from lorainv.errors import AdapterError, RequestError
 from lorainv.impl.engine import Engine
 from lorainv.impl.lora_pool import LoraPool
 from lorainv.impl.scheduler import Scheduler
+from lorainv.model.policy import POLICY_CHECKS
 from lorainv.testing.campaign import run_campaign
+from lorainv.testing.replay import replay
 
 BUDGET = 400
 Plant = Callable[[pytest.MonkeyPatch], None]
@@ -155,3 +158,19 @@ def test_clean_runtime_passes_the_same_budget(
     res = run_campaign(max_examples=BUDGET, seed=0, shrink=False, overrides=overrides, name="clean")
     assert not res.found, res.trace.meta if res.trace is not None else res.error
     assert res.examples >= BUDGET
+
+
+def test_a_switched_off_policy_check_is_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine with another eviction policy switches ``eviction-victim`` off: the trace that
+    check flagged replays without it (the policy set travels in the trace's meta), while the
+    full set still flags it."""
+    monkeypatch.setenv("LORAINV_TRACE_DIR", str(tmp_path))
+    mru_eviction(monkeypatch)
+    res = run_campaign(max_examples=BUDGET, seed=0, shrink=False, name="planted")
+    assert res.found and res.trace is not None
+    assert res.trace.expect == {"pool": "policy", "invariant": "eviction-victim"}
+    assert replay(res.trace).matches(res.trace.expect)
+    others = sorted(set(POLICY_CHECKS) - {"eviction-victim"})
+    off = dataclasses.replace(res.trace, meta={**res.trace.meta, "policy": others})
+    again = replay(off)
+    assert not any(v.pool == "policy" and v.invariant == "eviction-victim" for v in again.violations)
