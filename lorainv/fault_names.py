@@ -1,4 +1,4 @@
-"""The names of the injectable faults (DESIGN §6), each with the historic bug it re-creates.
+"""The names of the injectable faults (docs/design.md §6), each with the historic bug it re-creates.
 
 A leaf of the vocabulary: it imports nothing, so `lorainv.config` can validate
 ``faults=...`` without reaching into the runtime. Where each fault lives in the runtime is

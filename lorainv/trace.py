@@ -1,4 +1,4 @@
-"""Traces (DESIGN §7): a config, a seed and a list of ops, saved as JSON and replayed exactly.
+"""Traces (docs/design.md §7): a config, a seed and a list of ops, saved as JSON and replayed exactly.
 
 Format::
 

@@ -1,4 +1,4 @@
-"""Composable per-pool invariant checkers (DESIGN §5)."""
+"""Composable per-pool invariant checkers (docs/design.md §5)."""
 
 from lorainv.checkers.base import Checker, all_checkers, checker_names, register, run_checks, select
 

@@ -109,7 +109,7 @@ def _prompt_ids(prompt_ids: Any, what: str) -> tuple[int, ...]:
 
 
 class Engine:
-    """A compact multi-LoRA serving engine; see DESIGN §3 for the data flow."""
+    """A compact multi-LoRA serving engine; see docs/design.md §3 for the data flow."""
 
     def __init__(
         self,

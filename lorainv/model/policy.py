@@ -1,7 +1,7 @@
 """Policy checks: lorainv's documented scheduling and slot policies, computed from the
 reference model's own state and the event stream (never from runtime code).
 
-Safety invariants (DESIGN §5) hold for any engine; these describe lorainv's engine and can be
+Safety invariants (docs/design.md §5) hold for any engine; these describe lorainv's engine and can be
 switched off one by one (``ReferenceModel(cfg, policy=...)``) for an engine with another
 policy. Each is exact for lorainv: where the events leave a fact open, the check assumes
 the fact that excuses the engine, so a correct engine never fails one. Violations are in

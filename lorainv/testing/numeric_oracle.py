@@ -1,7 +1,7 @@
 """The numeric oracle of ``--numeric`` mode: a plain float64 Llama forward that applies each
 adapter's PEFT tensors directly, and the check that holds the engine's tokens and logits to it.
 
-Independence (DESIGN §9): this module imports no engine code except as a *source of input
+Independence (docs/design.md §9): this module imports no engine code except as a *source of input
 data*, so a bug in paging, slots, segments, batching, the LoRA backends, the stacked slot
 layout or the engine's own scaling cannot cancel out here.
 

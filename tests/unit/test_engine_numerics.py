@@ -1,4 +1,4 @@
-"""Output equality (issue #5, DESIGN §5 numerics): on the tiny Llama in float64, every request
+"""Output equality (issue #5, docs/design.md §5 numerics): on the tiny Llama in float64, every request
 that completes produces exactly the tokens of the same request run alone through the plain
 non-paged forward (`LlamaNetwork.reference_forward`, greedy) — whatever the batching, chunk
 size, retractions, aborts of other requests, prefix-cache hits or session restores. For a

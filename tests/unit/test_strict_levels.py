@@ -1,4 +1,4 @@
-"""Strict memory-check levels (DESIGN §1): 0 never checks, 1 checks every pool when a step
+"""Strict memory-check levels (docs/design.md §1): 0 never checks, 1 checks every pool when a step
 leaves the engine idle (the leak check), 2 checks every pool after every op and reports the
 events of the last ``history_steps`` steps. Also ``RuntimeConfig.from_env`` and the
 ``session_double_count`` fault, which makes a strict check fire on healthy state.
