@@ -5,6 +5,9 @@
   drives the engine to idle and runs the idle leak check; a violation fails the test itself.
 * ``lorainv_model``: a `ReferenceModel` for the same config.
 * ``lorainv_config``: the `RuntimeConfig` both are built from (override it in a conftest).
+* ``lorainv_target``: the target named by ``--lorainv-target`` (default ``lorainv``, the
+  engine behind the `Target` protocol; ``vllm`` needs ``ci/install-vllm.sh``), built from
+  ``lorainv_config``; drive it with ``apply(op)`` and check it with its own ``checkers()``.
 
 The plugin leaves Hypothesis alone: it registers the ``lorainv-ci``, ``lorainv-dev`` and
 ``lorainv-nightly`` profiles (see `lorainv.testing.profiles`) and loads one only when asked,
@@ -34,6 +37,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("0", "1", "2"),
         help="strict memory-check level for lorainv engines (0 off, 1 idle leak check, 2 every step)",
     )
+    group.addoption(
+        "--lorainv-target",
+        action="store",
+        default="lorainv",
+        help="the target the lorainv_target fixture builds (lorainv, vllm)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -45,6 +54,11 @@ def pytest_configure(config: pytest.Config) -> None:
             load_profile_from_env()
         except ConfigError as e:
             raise pytest.UsageError(str(e)) from None
+    from lorainv.targets import target_names
+
+    target = config.getoption("--lorainv-target", default="lorainv")
+    if target not in target_names():
+        raise pytest.UsageError(f"--lorainv-target={target!r} is not a known target; choose one of {target_names()}")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -97,3 +111,16 @@ def lorainv_model(lorainv_config: Any) -> Any:
     from lorainv.model.reference import ReferenceModel
 
     return ReferenceModel(lorainv_config)
+
+
+@pytest.fixture
+def lorainv_target(request: pytest.FixtureRequest, lorainv_config: Any) -> Any:
+    """The `Target` named by ``--lorainv-target`` (default ``lorainv``) for ``lorainv_config``.
+    A target whose engine is not installed skips the test with the install hint."""
+    from lorainv.targets import make_target
+
+    name = request.config.getoption("--lorainv-target", default="lorainv")
+    try:
+        return make_target(name, lorainv_config)
+    except ImportError as e:
+        pytest.skip(f"target {name!r} is not installed ({e}); see ci/install-vllm.sh")

@@ -184,3 +184,27 @@ def test_bad_profile_name_is_a_usage_error(pytester: pytest.Pytester, monkeypatc
         ["*LORAINV_HYPOTHESIS_PROFILE='no-such-profile' is not a registered Hypothesis profile*"]
     )
     assert "INTERNALERROR" not in result.stderr.str() + result.stdout.str()
+
+
+TARGET_INNER = """
+from lorainv.events import Queued
+from lorainv.ops import AddRequest, Step
+
+
+def test_target(lorainv_target):
+    assert lorainv_target.name == "lorainv"
+    events = lorainv_target.apply(AddRequest("r1", (1, 2, 3), None, 2))
+    assert isinstance(events[0], Queued)
+    while not lorainv_target.is_idle():
+        lorainv_target.apply(Step())
+    snap = lorainv_target.snapshot()
+    assert [v for c in lorainv_target.checkers() for v in c.check(snap)] == []
+"""
+
+
+def test_target_fixture_builds_the_named_target(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=TARGET_INNER)
+    pytester.runpytest(*ONLY_LORAINV).assert_outcomes(passed=1)
+    result = pytester.runpytest("--lorainv-target=nosuch", *ONLY_LORAINV)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lorainv-target='nosuch' is not a known target*"])
