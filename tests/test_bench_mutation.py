@@ -149,6 +149,7 @@ def test_resume_reuses_finished_mutants(tmp_path: Path, monkeypatch: pytest.Monk
     """An interrupted run's progress file is reused for the same mutant, file text and budgets."""
     pt = point_at("lorainv/impl/kv_pool.py", "core/ReplaceFalseWithTrue", "self._free[pages] = False")
     s = mutation.Settings(fast_examples=30, numeric_examples=3, fuzz_seed=0, timeout_s=None)
+    s.no_shrink = mutation.cli_has_no_shrink(ROOT)  # as main() decides it for this checkout
     src = (ROOT / pt.path).read_text()
     done = mutation.MutantResult(pt.id, pt.path, pt.line, "ReplaceFalseWithTrue", "a", "b", "killed", "fast", "v", "")
     out = tmp_path / "out"
