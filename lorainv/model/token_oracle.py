@@ -173,30 +173,24 @@ def identity_of(rank: int, scaling: float, values: Sequence[float]) -> int:
 
 # -- adapter providers ---------------------------------------------------------------------------
 def image_from_gen(source: str, dims: Any) -> AdapterImage:
-    """A ``gen:...`` source: the test input `generate_adapter` makes for it (float64, unrounded)."""
-    import torch  # only to build the test input; the oracle's own arithmetic is plain Python
+    """A ``gen:...`` source, materialised as the PEFT directory the generator writes for it
+    (raw A and B tensors in float64, ``r``, ``lora_alpha``, ``use_rslora``) and read back like a
+    user's directory: the scaling and the layout are this module's, never the loader's."""
+    import tempfile
 
-    from lorainv.impl.adapters import generate_adapter, parse_gen_source
+    import torch  # only to write the test input; the oracle's own arithmetic is plain Python
+
+    from lorainv.impl.adapters import parse_gen_source, write_peft_adapter
 
     parsed: Any = parse_gen_source(source)
     if parsed is None:
         raise OracleUnsupported(f"{source!r} is not a gen source")
-    if hasattr(parsed, "build"):  # every parsed field (alpha, rsLoRA) goes into the test input
-        ad = parsed.build("oracle", dims, torch.float64)
-    else:
-        rank, seed = parsed
-        ad = generate_adapter("oracle", dims, rank=rank, seed=seed, dtype=torch.float64)
-    r = ad.rank
-    modules: dict[tuple[int, str], tuple[Matrix, Matrix]] = {}
-    for layer, groups in enumerate(ad.weights):
-        for group, mods in LAYOUT:
-            a_all, b_all = (t.tolist() for t in groups[group])
-            off = 0
-            for i, m in enumerate(mods):
-                fan_out = module_io(dims, m)[1]
-                modules[(layer, m)] = (a_all[i * r : (i + 1) * r], b_all[off : off + fan_out])
-                off += fan_out
-    return AdapterImage(rank=r, scaling=float(ad.scaling), modules=modules)
+    rank, seed = int(parsed[0]), int(parsed[1])
+    alpha = getattr(parsed, "alpha", None)
+    rslora = bool(getattr(parsed, "use_rslora", False))
+    with tempfile.TemporaryDirectory(prefix="lorainv-token-oracle-") as tmp:
+        write_peft_adapter(tmp, dims, rank=rank, seed=seed, alpha=alpha, use_rslora=rslora, dtype=torch.float64)
+        return image_from_peft(tmp, dims)
 
 
 _PEFT_TENSOR = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
