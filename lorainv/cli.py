@@ -142,6 +142,17 @@ def cmd_list_faults(out: TextIO) -> int:
     return 0
 
 
+def _bad_budget(a: argparse.Namespace) -> bool:
+    """Whether ``--max-examples`` / ``--minutes`` are out of range (the reason goes to stderr)."""
+    if a.max_examples is not None and a.max_examples < 1:
+        sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
+        return True
+    if a.minutes is not None and not 0 < a.minutes < float("inf"):
+        sys.stderr.write("lorainv fuzz: --minutes must be a finite number > 0\n")
+        return True
+    return False
+
+
 def _fuzz_target(a: argparse.Namespace, out: TextIO) -> int:
     """``--target`` other than lorainv: the campaign of `lorainv.targets.fuzz` (its rules are
     the target's ops; its checkers and model are the target's)."""
@@ -149,11 +160,7 @@ def _fuzz_target(a: argparse.Namespace, out: TextIO) -> int:
     if bad:
         sys.stderr.write(f"lorainv fuzz: {', '.join(bad)} apply to lorainv's engine only, not --target {a.target}\n")
         return 2
-    if a.max_examples is not None and a.max_examples < 1:
-        sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
-        return 2
-    if a.minutes is not None and not 0 < a.minutes < float("inf"):
-        sys.stderr.write("lorainv fuzz: --minutes must be a finite number > 0\n")
+    if _bad_budget(a):
         return 2
     from lorainv.targets.fuzz import cmd_fuzz_target
 
@@ -178,8 +185,7 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
     if unknown:
         sys.stderr.write(f"lorainv fuzz: unknown fault(s) {unknown}; see lorainv fuzz --list-faults\n")
         return 2
-    if a.max_examples is not None and a.max_examples < 1:
-        sys.stderr.write("lorainv fuzz: --max-examples must be >= 1\n")
+    if _bad_budget(a):
         return 2
     from lorainv.model.policy import POLICY_CHECKS
 
@@ -193,9 +199,6 @@ def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
         )
         return 2
     policy = None if not off else frozenset(POLICY_CHECKS) - off
-    if a.minutes is not None and not 0 < a.minutes < float("inf"):
-        sys.stderr.write("lorainv fuzz: --minutes must be a finite number > 0\n")
-        return 2
     budget_s = 60 * (a.minutes if a.minutes is not None else (0.75 if a.max_examples is None else 1e9))
     modes = ["numeric"] if a.numeric else ["fast"] if a.fast else ["fast", "fast", "fast", "numeric"]
     overrides = {"strict_mem_check": a.strict} if a.strict else {}

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from peft_testutil import peft_logits
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -135,17 +136,6 @@ def oracle(saved: dict[str, Path]) -> Any:
     for name in names[1:]:
         pm.load_adapter(str(saved[name]), adapter_name=name)
     return pm.eval()
-
-
-def peft_logits(pm: Any, adapter: str | None, tokens: list[int]) -> torch.Tensor:
-    """PeftModel's ``[len(tokens), vocab]`` logits with one adapter (or none) active."""
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        if adapter is None:
-            with pm.disable_adapter():
-                return pm(input_ids=ids, use_cache=False).logits[0]
-        pm.set_adapter(adapter)
-        return pm(input_ids=ids, use_cache=False).logits[0]
 
 
 def peft_mixed_generate(pm: Any, reqs: list[tuple[str, str | None, list[int]]]) -> dict[str, list[int]]:

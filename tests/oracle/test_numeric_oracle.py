@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from peft_testutil import peft_logits
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -88,16 +89,6 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     for name in names[1:]:
         pm.load_adapter(str(dirs[name]), adapter_name=name)
     return {"root": root, "net": net, "dirs": dirs, "peft": pm.eval()}
-
-
-def peft_logits(pm: Any, adapter: str | None, toks: list[int]) -> torch.Tensor:
-    ids = torch.tensor([toks])
-    with torch.no_grad():
-        if adapter is None:
-            with pm.disable_adapter():
-                return pm(input_ids=ids, use_cache=False).logits[0]
-        pm.set_adapter(adapter)
-        return pm(input_ids=ids, use_cache=False).logits[0]
 
 
 def oracle_source(saved: dict[str, Any], name: str) -> str:
