@@ -191,7 +191,7 @@ class VllmTarget:
             is_encoder_decoder=False,
         )
         cc = CacheConfig(block_size=bs, enable_prefix_caching=cfg.enable_prefix_cache)
-        lc = LoRAConfig(max_loras=self.max_loras, max_lora_rank=rank)
+        lc = LoRAConfig(max_loras=self.max_loras, max_lora_rank=rank)  # type: ignore[arg-type,unused-ignore]
         vc = VllmConfig(
             model_config=mc, scheduler_config=sc, cache_config=cc, lora_config=lc, device_config=DeviceConfig("cpu")
         )
@@ -375,7 +375,7 @@ class VllmTarget:
         before = {rid: self.tracked[rid].state for rid in self.live_rids()}
         out = s.schedule()
         ev: list[Event] = []
-        for rid in sorted(out.preempted_req_ids, key=lambda r: list(before).index(r) if r in before else 0):
+        for rid in sorted(out.preempted_req_ids or (), key=lambda r: list(before).index(r) if r in before else 0):
             t = self.tracked[rid]
             ev.append(Retracted(rid, len(t.req.output_token_ids), "kv"))
             t.state = "waiting"
