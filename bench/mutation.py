@@ -295,9 +295,17 @@ def fuzz_cmd(mode: str, s: Settings, report: Path) -> list[str]:
     return [sys.executable, "-m", "lorainv.cli", "fuzz", f"--{mode}", *budget, "--quiet", "--json", str(report)]
 
 
+def _cli_source(copy: Path) -> str:
+    """The source of the copy's command line: ``lorainv/cli.py``, or every module of ``lorainv/cli/``."""
+    single = copy / "lorainv" / "cli.py"
+    if single.exists():
+        return single.read_text(encoding="utf-8")
+    return "".join(p.read_text(encoding="utf-8") for p in sorted((copy / "lorainv" / "cli").glob("*.py")))
+
+
 def cli_has_no_shrink(copy: Path) -> bool:
     """Whether the copy's ``lorainv fuzz`` takes ``--no-shrink`` (shrinking only slows a kill down)."""
-    return '"--no-shrink"' in (copy / "lorainv" / "cli.py").read_text(encoding="utf-8")
+    return '"--no-shrink"' in _cli_source(copy)
 
 
 def _env(copy: Path) -> dict[str, str]:

@@ -1,7 +1,4 @@
-"""The ``lorainv`` command line: ``generate``, ``fuzz``, ``replay`` and ``bench``.
-
-Exit codes: 0 clean, 1 a violation was found, 2 a usage error or an invalid input file.
-"""
+"""``lorainv fuzz``: a stateful fuzzing campaign against the reference model and every checker."""
 
 from __future__ import annotations
 
@@ -13,27 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-from lorainv import __version__
-from lorainv.errors import LorainvError, TraceError
-
-DEFAULT_PROMPTS = ["The adapter said", "Multi-LoRA serving", "KV cache pressure", "hello"]
+from lorainv.cli.common import add_checkers_arg, list_faults, parse_faults, torch_threads
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorainv", description="Prove a multi-LoRA serving runtime correct.")
-    p.add_argument("--version", action="version", version=f"lorainv {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    g = sub.add_parser("generate", help="serve a few mixed-adapter requests and print their tokens")
-    g.add_argument("--model", help="Hugging Face Llama checkpoint dir (default: the embedded tiny model)")
-    g.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="PEFT adapter (repeatable)")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt-ids", action="append", metavar="1,2,3", help="token ids (repeatable)")
-    src.add_argument("--prompt", action="append", metavar="TEXT", help="text; bytes map to ids (repeatable)")
-    g.add_argument("--max-new-tokens", type=int, default=8)
-    g.add_argument("--backend", choices=["torch_native", "triton"], default="torch_native")
-    g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-
+def add_parser(sub: Any) -> None:
+    """Add this command's subparser to ``sub``."""
     f = sub.add_parser("fuzz", help="stateful fuzzing campaign against the reference model and every checker")
     f.add_argument("--max-examples", type=int, default=None, help="stop after this many examples")
     f.add_argument("--minutes", type=float, default=None, help="time budget (default 0.75 with no budget given)")
@@ -71,75 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="an option of the target (repeatable), e.g. reload_paths=versioned for vllm",
     )
 
-    r = sub.add_parser("replay", help="re-run a saved trace deterministically")
-    r.add_argument("trace")
-    r.add_argument("--verbose", action="store_true", help="also print the teardown drain steps")
-
-    b = sub.add_parser("bench", help="run a benchmark from bench/ (from the repository root)")
-    b.add_argument("name")
-    b.add_argument("args", nargs=argparse.REMAINDER)
-    return p
-
-
-# -- generate ----------------------------------------------------------------------------------
-def cmd_generate(a: argparse.Namespace, out: TextIO) -> int:
-    from lorainv.config import RuntimeConfig
-    from lorainv.impl.engine import Engine
-
-    cfg = RuntimeConfig(lora_backend=a.backend, dtype=a.dtype, device="cpu", max_total_tokens=4096)
-    engine = Engine(cfg, model=a.model)
-    names: list[str | None] = [None]
-    if a.adapter:
-        for spec in a.adapter:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise LorainvError(f"--adapter expects NAME=DIR, got {spec!r}")
-            engine.load_adapter(name, path)
-            names.append(name)
-    else:
-        for i, rank in enumerate((8, 4, 16)):
-            name = f"gen{i}"
-            engine.load_adapter(name, f"gen:{rank}:{i + 1}")
-            names.append(name)
-    vocab = engine.network.vocab_size
-    if a.prompt_ids:
-        prompts = [[int(t) for t in s.split(",") if t.strip()] for s in a.prompt_ids]
-    else:
-        texts = a.prompt or DEFAULT_PROMPTS
-        prompts = [[b % vocab for b in t.encode()] for t in texts]
-    jobs = [(p, names[i % len(names)]) for i, p in enumerate(prompts)]
-    if not a.prompt_ids and not a.prompt:
-        jobs += [(p, names[(i + 1) % len(names)]) for i, p in enumerate(prompts)]
-    t0 = time.perf_counter()
-    rids = [engine.add_request(p, ad, a.max_new_tokens) for p, ad in jobs]
-    steps = 0
-    while not engine.is_idle():
-        engine.step()
-        steps += 1
-    dt = time.perf_counter() - t0
-    model = a.model or f"tiny (seed {cfg.seed}, {engine.network.dims.num_layers} layers)"
-    out.write(f"lorainv generate — model {model}, backend {cfg.lora_backend}, {len(names) - 1} adapter(s)\n\n")
-    out.write(f"{'req':<5} {'adapter':<10} {'prompt':<28} output tokens\n")
-    out.write(f"{'-' * 5} {'-' * 10} {'-' * 28} {'-' * 40}\n")
-    for rid, (p, ad) in zip(rids, jobs):
-        shown = ",".join(map(str, p))
-        shown = shown if len(shown) <= 28 else shown[:25] + "..."
-        out.write(f"{rid:<5} {ad or '(base)':<10} {shown:<28} {engine.output(rid)}\n")
-    ntok = sum(len(engine.output(r)) for r in rids)
-    out.write(f"\n{len(rids)} requests, {ntok} tokens in {steps} scheduler steps, {dt:.2f}s wall\n")
-    violations = engine.check()
-    out.write("invariants: clean\n" if not violations else f"invariants: {len(violations)} violation(s)\n")
-    return 0 if not violations else 1
-
-
-# -- fuzz --------------------------------------------------------------------------------------
-def cmd_list_faults(out: TextIO) -> int:
-    from lorainv.impl.faults import FAULTS
-
-    width = max(map(len, FAULTS))
-    for name, desc in FAULTS.items():
-        out.write(f"{name:<{width}}  {desc}\n")
-    return 0
+    add_checkers_arg(f)
 
 
 def _bad_budget(a: argparse.Namespace) -> bool:
@@ -171,20 +84,19 @@ def _fuzz_target(a: argparse.Namespace, out: TextIO) -> int:
         return 2
 
 
-def cmd_fuzz(a: argparse.Namespace, out: TextIO) -> int:
-    from lorainv.impl.faults import FAULTS
+def run(a: argparse.Namespace, out: TextIO) -> int:
+    """Run the campaign; exit 1 with a saved, shrunk trace on the first violation."""
+    if a.list_faults:
+        return list_faults(out)
+    torch_threads()
+    if a.target != "lorainv":
+        return _fuzz_target(a, out)
+    faults = parse_faults(a.faults, "fuzz")
+    if faults is None:
+        return 2
     from lorainv.testing.campaign import run_campaign
     from lorainv.testing.machine import COVERAGE_COUNTERS, coverage_report
 
-    if a.list_faults:
-        return cmd_list_faults(out)
-    if a.target != "lorainv":
-        return _fuzz_target(a, out)
-    faults = frozenset(f.strip() for f in a.faults.split(",") if f.strip())
-    unknown = sorted(faults - set(FAULTS))
-    if unknown:
-        sys.stderr.write(f"lorainv fuzz: unknown fault(s) {unknown}; see lorainv fuzz --list-faults\n")
-        return 2
     if _bad_budget(a):
         return 2
     from lorainv.model.policy import POLICY_CHECKS
@@ -333,63 +245,3 @@ def _write_coverage(out: TextIO, cov: dict[str, Any]) -> None:
             shown = cov[what][:12]
             more = f" (+{len(cov[what]) - 12} more)" if len(cov[what]) > 12 else ""
             out.write(f"  never reached: {', '.join(shown)}{more}\n")
-
-
-# -- replay / bench ----------------------------------------------------------------------------
-def cmd_replay(a: argparse.Namespace, out: TextIO) -> int:
-    from lorainv.trace import load, print_replay
-
-    trace = load(a.trace)
-    from lorainv.targets.drive import trace_target
-
-    target = trace_target(trace)[0]
-    on = "" if target == "lorainv" else f", target {target}"
-    out.write(f"replaying {a.trace}: {len(trace.ops)} ops, faults {sorted(trace.config.faults) or 'none'}{on}\n\n")
-    res = print_replay(trace, out, verbose=a.verbose)
-    return 1 if res.violations else 0
-
-
-def cmd_bench(a: argparse.Namespace, out: TextIO) -> int:
-    import importlib
-    import os
-
-    sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(f"bench.{a.name}")
-    except ModuleNotFoundError as e:
-        target = f"bench.{a.name}"
-        if e.name and target != e.name and not target.startswith(e.name + "."):
-            # the benchmark exists; something it imports does not
-            sys.stderr.write(f"lorainv bench: bench/{a.name}.py needs the missing module {e.name!r}: {e}\n")
-        else:
-            sys.stderr.write(f"lorainv bench: no benchmark bench/{a.name}.py (run from the repository root)\n")
-        return 2
-    return int(mod.main(a.args) or 0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    a = parser.parse_args(argv)
-    import torch
-
-    # tiny tensors: intra-op threads cost more than they give (fuzz workers parallelise by process)
-    torch.set_num_threads(1)
-    out = sys.stdout
-    try:
-        if a.cmd == "generate":
-            return cmd_generate(a, out)
-        if a.cmd == "fuzz":
-            return cmd_fuzz(a, out)
-        if a.cmd == "replay":
-            return cmd_replay(a, out)
-        return cmd_bench(a, out)
-    except TraceError as e:
-        sys.stderr.write(f"lorainv {a.cmd}: TraceError: {e}\n")
-        return 2
-    except LorainvError as e:
-        sys.stderr.write(f"lorainv {a.cmd}: {type(e).__name__}: {e}\n")
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
