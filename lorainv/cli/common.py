@@ -6,7 +6,9 @@ Nothing here imports torch at module level, so ``--help`` and ``--list-faults`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 
@@ -49,4 +51,21 @@ def parse_faults(spec: str, cmd: str) -> frozenset[str] | None:
 
 
 def add_checkers_arg(p: argparse.ArgumentParser) -> None:
-    """Reserved for the ``--checkers MODULE`` option (user checkers); adds nothing yet."""
+    """Add ``--checkers MODULE`` (repeatable; dest ``checkers``, a list of module names)."""
+    p.add_argument(
+        "--checkers",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE and use the checkers and faults it registers (repeatable)",
+    )
+
+
+@contextlib.contextmanager
+def user_extensions(modules: list[str]) -> Iterator[None]:
+    """Within the block, the user checkers and faults of ``modules`` (and of the installed
+    entry points) are registered; on exit the registries are as before.
+
+    Picklable input (module names) so that worker processes can enter the same scope.
+    """
+    yield

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-from lorainv.cli.common import add_checkers_arg, list_faults, parse_faults, torch_threads
+from lorainv.cli.common import add_checkers_arg, list_faults, parse_faults, torch_threads, user_extensions
 
 
 def add_parser(sub: Any) -> None:
@@ -86,6 +86,11 @@ def _fuzz_target(a: argparse.Namespace, out: TextIO) -> int:
 
 def run(a: argparse.Namespace, out: TextIO) -> int:
     """Run the campaign; exit 1 with a saved, shrunk trace on the first violation."""
+    with user_extensions(a.checkers):
+        return _run(a, out)
+
+
+def _run(a: argparse.Namespace, out: TextIO) -> int:
     if a.list_faults:
         return list_faults(out)
     torch_threads()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, TextIO
 
-from lorainv.cli.common import add_checkers_arg, torch_threads
+from lorainv.cli.common import add_checkers_arg, torch_threads, user_extensions
 
 
 def add_parser(sub: Any) -> None:
@@ -20,6 +20,11 @@ def add_parser(sub: Any) -> None:
 def run(a: argparse.Namespace, out: TextIO) -> int:
     """Replay the trace; exit 1 if it shows a violation."""
     torch_threads()
+    with user_extensions(a.checkers):
+        return _run(a, out)
+
+
+def _run(a: argparse.Namespace, out: TextIO) -> int:
     from lorainv.trace import load, print_replay
 
     trace = load(a.trace)
