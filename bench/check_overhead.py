@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 
-from bench import common
 from lorainv.config import RuntimeConfig
 from lorainv.impl.engine import Engine
 from lorainv.ops import AddRequest, LoadAdapter, Op, Step
+
+from . import common
 
 ADAPTERS = (None, "a", "b", "c")
 PROMPT_LEN = 8

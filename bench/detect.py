@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from bench import common
 from lorainv.impl.faults import FAULTS
 from lorainv.testing import campaign
+
+from . import common
 
 NAME = "detect"
 QUICK_SHRINK = ("nonresident_falls_back_to_slot0", "pinned_cache_key_collision", "stale_overlap_event")

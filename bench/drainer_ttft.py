@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import common
 from lorainv.config import RuntimeConfig
 from lorainv.events import (
     BatchFormed,
@@ -53,6 +52,8 @@ from lorainv.events import (
 )
 from lorainv.impl.clock import SimClock
 from lorainv.impl.engine import Engine
+
+from . import common
 
 NAME = "drainer_ttft"
 N_ADAPTERS = 6

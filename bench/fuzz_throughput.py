@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from . import common
 
 NAME = "fuzz_throughput"
 MODES = {"fast": ("dummy", False), "numeric": ("tiny", True)}

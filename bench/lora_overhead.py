@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from bench import common
 from lorainv.impl.batch import ForwardBatch, build_lora_batch_info
 from lorainv.impl.dims import GROUPS
 from lorainv.impl.llama import KVCache, LayerWeights, LlamaNetwork
 from lorainv.impl.llama_config import LlamaConfig
 from lorainv.impl.lora_buffers import LoraBuffers
+
+from . import common
 
 NAME = "lora_overhead"
 N_ADAPTERS = 8

@@ -77,7 +77,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from . import common
 
 NAME = "mutation"
 PROGRESS = "mutation.progress.jsonl"  # one finished mutant per line, written as the run goes

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bench import common
+from . import common
 
 NAME = "serve_vs_peft"
 N_ADAPTERS = 8

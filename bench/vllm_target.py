@@ -20,9 +20,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench import common
 from lorainv.config import RuntimeConfig
 from lorainv.ops import Abort, AddRequest, LoadAdapter, Op, Step
+
+from . import common
 
 NAME = "vllm_target"
 CFG = RuntimeConfig(
