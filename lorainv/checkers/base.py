@@ -2,8 +2,9 @@
 
 A checker is a small object with a ``name`` and ``check(snapshot) -> list[Violation]``.
 It reads the snapshot only, never live runtime objects. Checkers compose: ``all_checkers()``
-builds the default set, ``select("kv", "lora")`` picks by name, and a user's own checker
-is anything with the same two members.
+builds the set in force, ``select("kv", "lora")`` picks by name, and a user's own checker
+is anything with the same two members. A user checker declared with ``@register`` is in
+force only inside a scope (see `register`).
 """
 
 from __future__ import annotations
@@ -22,27 +23,84 @@ class Checker(Protocol):
     def check(self, snap: Snapshot) -> list[Violation]: ...
 
 
-_FACTORIES: dict[str, Callable[[], Checker]] = {}
+Factory = Callable[[], Checker]
+
+# lorainv's own checkers (registered by the modules of this package; always in force)
+_BUILTIN: dict[str, Factory] = {}
+# user checkers declared with @register, by the module that defined them; declaring one
+# changes nothing until a scope (lorainv.extensions.using) puts it in force
+_DECLARED: dict[str, dict[str, Factory]] = {}
+# the checkers in force: the built-in ones, then the user checkers of the scope in force.
+# Replaced, never mutated in place, by set_user_checkers (a scope restores the old one).
+_FACTORIES: dict[str, Factory] = {}
+_USER: dict[str, Factory] = {}
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make a checker class available to ``all_checkers``/``select``."""
+    """Class decorator: name a checker class and declare it.
+
+    A class of lorainv's own ``lorainv.checkers`` package is in force everywhere. Any other
+    class (a user checker) is only declared: it runs inside a scope that names it, its module
+    or a package above it (`lorainv.extensions.using`, ``--checkers MODULE``, an entry point,
+    the pytest plugin), and nowhere else, so importing it changes no unrelated test.
+    """
 
     def deco(cls: type) -> type:
         setattr(cls, "name", name)  # noqa: B010 - a class attribute the Checker protocol reads
-        _FACTORIES[name] = cls
+        if cls.__module__.startswith("lorainv.checkers."):
+            _BUILTIN[name] = cls
+            if name not in _USER:
+                _FACTORIES[name] = cls
+        else:
+            _DECLARED.setdefault(cls.__module__, {})[name] = cls
         return cls
 
     return deco
 
 
+def declared_in(module: str) -> dict[str, Factory]:
+    """The user checkers declared by ``module`` and its submodules (name -> class)."""
+    out: dict[str, Factory] = {}
+    for mod, found in _DECLARED.items():
+        if mod == module or mod.startswith(module + "."):
+            out.update(found)
+    return out
+
+
+def builtin_checker_names() -> list[str]:
+    """The names of lorainv's own checkers."""
+    _load_all()
+    return list(_BUILTIN)
+
+
+def user_checkers() -> dict[str, Factory]:
+    """The user checkers in force (name -> factory; a copy)."""
+    return dict(_USER)
+
+
+def set_user_checkers(factories: dict[str, Factory]) -> dict[str, Factory]:
+    """Put exactly ``factories`` in force as the user checkers (replacing the previous set) and
+    return the previous set, for the caller to restore. Mutates this module's registry; only
+    scopes (`lorainv.extensions`) call it. A name of a built-in checker is refused (ValueError)."""
+    global _FACTORIES, _USER
+    _load_all()
+    clash = sorted(set(factories) & set(_BUILTIN))
+    if clash:
+        raise ValueError(f"user checker name(s) {clash} are taken by lorainv's own checkers")
+    prev = _USER
+    _USER = dict(factories)
+    _FACTORIES = {**_BUILTIN, **_USER}
+    return prev
+
+
 def checker_names() -> list[str]:
+    """The names of the checkers in force: lorainv's own, then the scope's user checkers."""
     _load_all()
     return list(_FACTORIES)
 
 
 def all_checkers(extra: Iterable[Checker] = ()) -> list[Checker]:
-    """A fresh instance of every registered checker, plus ``extra``."""
+    """A fresh instance of every checker in force, plus ``extra``."""
     _load_all()
     return [f() for f in _FACTORIES.values()] + list(extra)
 

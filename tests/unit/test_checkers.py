@@ -31,7 +31,6 @@ from checker_states import (
 )
 
 from lorainv.checkers import Checker, all_checkers, checker_names, register, run_checks, select
-from lorainv.checkers import base as checkers_base
 from lorainv.checkers.kv import KVChecker
 from lorainv.checkers.prefix import PrefixChecker
 from lorainv.checkers.req_to_token import ReqToTokenChecker
@@ -529,9 +528,8 @@ def test_run_checks_defaults_to_every_checker(s: Snapshot) -> None:
     assert {("kv", "K1"), ("kv", "K4"), ("requests", "R4")} <= got
 
 
-def test_register_makes_a_checker_selectable(monkeypatch: pytest.MonkeyPatch, s: Snapshot) -> None:
-    checker_names()  # load the built-in ones before isolating the registry
-    monkeypatch.setattr(checkers_base, "_FACTORIES", dict(checkers_base._FACTORIES))
+def test_register_makes_a_checker_selectable_inside_a_scope(s: Snapshot) -> None:
+    from lorainv.extensions import using
 
     @register("always_one")
     class AlwaysOne:
@@ -539,7 +537,11 @@ def test_register_makes_a_checker_selectable(monkeypatch: pytest.MonkeyPatch, s:
             return [Violation("test", "T1", "always", (snap.step,))]
 
     assert AlwaysOne.name == "always_one"  # type: ignore[attr-defined]
-    assert "always_one" in checker_names()
-    (c,) = select("always_one")
-    assert brief(c.check(s)) == [("test", "T1", (s.step,))]
-    assert brief(run_checks(s)) == [("test", "T1", (s.step,))]
+    assert "always_one" not in checker_names()  # declared only: in force nowhere yet
+    with using(AlwaysOne):
+        assert "always_one" in checker_names()
+        (c,) = select("always_one")
+        assert brief(c.check(s)) == [("test", "T1", (s.step,))]
+        assert brief(run_checks(s)) == [("test", "T1", (s.step,))]
+    assert "always_one" not in checker_names()
+    assert run_checks(s) == []
