@@ -1,33 +1,62 @@
 """Shared plumbing for the benchmarks: the command line, machine facts, tables, JSON and PNG output.
 
-Every benchmark takes ``--quick`` and ``--out DIR`` (default ``bench/results``), prints a
-table, and writes ``DIR/<name>.json`` (and, where a picture helps, ``DIR/<name>.png``).
+Every benchmark takes ``--quick`` and ``--out DIR``, prints a table, and writes
+``DIR/<name>.json`` (and, where a picture helps, ``DIR/<name>.png``). ``--out`` defaults to
+``bench/results`` in a source checkout (the committed results), or ``./bench-results`` when the
+benchmarks run from an installed wheel; a ``--quick`` run defaults to :func:`quick_dir`, a
+temporary directory, so it never overwrites committed results.
+
+The machine is detected at run time (:func:`machine`, :data:`MACHINE_NOTE`), never written in.
 Nothing here measures anything; it only records where and how a measurement was taken.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lorainv import __version__
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MACHINE_NOTE = "CPU, 2 cores, no GPU"
+_HERE = Path(__file__).resolve().parent
+# A source checkout keeps its committed results next to the benchmarks; an installed wheel has
+# no results directory, and site-packages is no place to write one.
+RESULTS_DIR = _HERE / "results" if (_HERE / "results").is_dir() else Path("bench-results")
+
+
+def quick_dir() -> Path:
+    """Where ``--quick`` runs write by default: ``$TMPDIR/lorainv-bench-quick`` (never committed results)."""
+    return Path(tempfile.gettempdir()) / "lorainv-bench-quick"
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """Fills ``--out`` after parsing, since its default depends on ``--quick``."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "out", "absent") is None:
+            ns.out = quick_dir() if getattr(ns, "quick", False) else RESULTS_DIR
+        return ns, rest
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the flags every benchmark shares: ``--quick``, ``--out``, ``--threads``."""
-    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=(doc or name).split("\n\n")[0])
+    p = _BenchParser(prog=f"lorainv bench {name}", description=(doc or name).split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default: {RESULTS_DIR}; with --quick, {quick_dir()})",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
     return p
 
@@ -43,15 +72,37 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def gpu_name() -> str:
+    """The first CUDA device's name, or ``"none"`` (imports torch)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
+@functools.cache
+def machine_note() -> str:
+    """One line for table headers and chart titles, detected: CPU model, cores, GPU."""
+    gpu = gpu_name()
+    cores = os.cpu_count() or 0
+    return f"{cpu_model()}, {cores} core{'s' if cores != 1 else ''}, " + ("no GPU" if gpu == "none" else f"GPU {gpu}")
+
+
+def __getattr__(name: str) -> Any:
+    # ``common.MACHINE_NOTE`` stays the benchmarks' spelling, but is detected on first use
+    if name == "MACHINE_NOTE":
+        return machine_note()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def machine() -> dict[str, Any]:
-    """Where the numbers come from. There is no GPU on the benchmark machine; say so."""
+    """Where the numbers come from, detected on this run: CPU, cores, GPU, Python, torch, load."""
     import torch
 
     return {
-        "note": MACHINE_NOTE,
+        "note": machine_note(),
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
-        "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "gpu": gpu_name(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),

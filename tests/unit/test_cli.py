@@ -24,7 +24,8 @@ from lorainv.ops import OPS, AddRequest, LoadAdapter, Step
 from lorainv.testing.machine import RARE_STATES
 from lorainv.trace import Trace, save
 
-ROW = re.compile(r"^(r\d+)\s+(\S+)\s+(\S+)\s+(\[[\d, ]*\])$", re.MULTILINE)
+# a generate request: "r0   gen1  prompt 'hello'" then "           output \"...\"  ids [1, 2]"
+ROW = re.compile(r"^(r\d+)\s+(\S+)\s+prompt (.*)\n\s+output \"(.*)\"  ids (\[[\d, ]*\])$", re.MULTILINE)
 REPLAY_WITH = re.compile(r"replay with:\s+lorainv replay (\S+)")
 SUBCOMMANDS = ("generate", "fuzz", "replay", "bench")
 
@@ -44,9 +45,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120.0) -> subprocess.Co
     )
 
 
-def rows(text: str) -> list[tuple[str, str, str, list[int]]]:
-    """The request rows of a ``generate`` table: (rid, adapter, prompt, output tokens)."""
-    return [(m[0], m[1], m[2], ast.literal_eval(m[3])) for m in ROW.findall(text)]
+def rows(text: str) -> list[tuple[str, str, str, str, list[int]]]:
+    """The requests ``generate`` printed: (rid, adapter, prompt, output text, output ids)."""
+    return [(m[0], m[1], m[2], m[3], ast.literal_eval(m[4])) for m in ROW.findall(text)]
 
 
 # -- help, version, usage ------------------------------------------------------------------------
@@ -83,32 +84,108 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: 
     assert "usage: lorainv" in capsys.readouterr().err
 
 
+# -- help shows defaults; importing the CLI imports no torch --------------------------------------
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_subcommand_help_shows_defaults_without_noise(capsys: pytest.CaptureFixture[str], cmd: str) -> None:
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    if cmd == "generate":
+        assert "tokens to generate per prompt (default: 8)" in text
+        assert "LoRA kernels (default: torch_native)" in text
+
+
+def test_importing_the_cli_and_listing_faults_import_no_torch(tmp_path: Path) -> None:
+    """``--help`` and ``--list-faults`` are instant because nothing imports torch (about 2-8 s)."""
+    code = (
+        "import sys, io\n"
+        "import lorainv.cli\n"
+        "heavy = ('torch', 'triton', 'transformers', 'peft')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "assert lorainv.cli.main(['fuzz', '--list-faults'], out=io.StringIO()) == 0\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LORAINV_FAULTS"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["[]", "[]"]
+
+
 # -- generate ------------------------------------------------------------------------------------
-def test_generate_default_serves_eight_mixed_requests(capsys: pytest.CaptureFixture[str]) -> None:
+def test_decode_maps_ids_back_to_bytes_then_text() -> None:
+    from lorainv.cli.generate import decode
+
+    assert decode([104, 105]) == "hi"
+    assert decode([0xE2, 0x82, 0xAC]) == "\u20ac"  # the euro sign's three UTF-8 bytes
+    assert decode([0xFF]) == "\ufffd"  # not UTF-8
+    assert decode([104, 300, 105]) == "h\ufffdi"  # an id outside the byte range
+    assert decode([10, 27]) == "\\n\\x1b"  # control characters are shown escaped, never emitted
+
+
+def test_generate_default_demo_sends_each_prompt_to_two_adapters(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate"]) == 0
     out = capsys.readouterr().out
     table = rows(out)
     assert [r[0] for r in table] == [f"r{i}" for i in range(8)]
-    assert {r[1] for r in table} == {"(base)", "gen0", "gen1", "gen2"}
-    assert all(len(r[3]) == 8 and all(0 <= t < 256 for t in r[3]) for r in table)
-    assert "8 requests, 64 tokens" in out
-    assert "invariants: clean" in out
+    assert {r[1] for r in table} == {"base", "gen0", "gen1", "gen2"}
+    by_prompt: dict[str, set[str]] = {}
+    for _, adapter, prompt, _, ids in table:
+        by_prompt.setdefault(prompt, set()).add(adapter)
+        assert len(ids) == 8 and all(0 <= t < 256 for t in ids)
+    assert set(by_prompt) == {"'The adapter said'", "'Multi-LoRA serving'", "'KV cache pressure'", "'hello'"}
+    assert all(len(adapters) == 2 for adapters in by_prompt.values())
+    assert "8 requests, 64 tokens" in out and "invariants: clean" in out
 
 
-def test_generate_prompt_ids_one_row(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    table = rows(out)
-    assert len(table) == 1
-    rid, adapter, prompt, tokens = table[0]
-    assert (rid, adapter, prompt) == ("r0", "(base)", "1,2,3")
-    assert len(tokens) == 4
-    assert "invariants: clean" in out
-    # the same request served alone by the engine, with the CLI's config, gives the same tokens
+def test_generate_serves_each_prompt_on_the_adapter_it_names(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "--prompt", "gen1:hi: there", "--prompt", "base:hi: there", "--prompt-ids", "gen2:1,2,3"]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert [(r[0], r[1], r[2]) for r in table] == [
+        ("r0", "gen1", "'hi: there'"),  # only the first colon separates the adapter
+        ("r1", "base", "'hi: there'"),
+        ("r2", "gen2", "ids [1, 2, 3]"),
+    ]
+    # the same requests served by an engine directly, each alone, with the CLI's config and adapters
     from lorainv.impl.engine import Engine
 
     engine = Engine(RuntimeConfig(device="cpu", max_total_tokens=4096))
-    assert engine.generate([[1, 2, 3]], max_new_tokens=4) == [tokens]
+    for i, rank in enumerate((8, 4, 16)):
+        engine.load_adapter(f"gen{i}", f"gen:{rank}:{i + 1}")
+    hi = list(b"hi: there")
+    for (_, _, _, text, ids), (prompt, adapter) in zip(table, [(hi, "gen1"), (hi, None), ([1, 2, 3], "gen2")]):
+        assert engine.generate([prompt], [adapter], max_new_tokens=4) == [ids]
+        if all(32 <= t < 127 for t in ids):  # printable ASCII reads back as itself
+            assert text == bytes(ids).decode()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prompt", "hello"], "--prompt expects ADAPTER:..., with ADAPTER one of base, gen0, gen1, gen2"),
+        (["--prompt", "note: x"], "got 'note: x'"),
+        (["--prompt", "gen0:"], "the text is empty"),
+        (["--prompt-ids", "gen0:1,x"], "expected comma-separated integers"),
+        (["--adapter", "base=/tmp"], "'base' names the base model"),
+    ],
+)
+def test_generate_bad_prompt_spec_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["generate", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_triton_without_gpu_or_interpreter_names_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - a GPU runs the kernels; nothing to refuse
+        pytest.skip("a CUDA GPU is present")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["generate", "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "TRITON_INTERPRET=1" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("spec", ["bad", "=dir", "name=", "="])
@@ -248,24 +325,41 @@ def test_replay_missing_file_exits_2(capsys: pytest.CaptureFixture[str], tmp_pat
 
 
 # -- bench ---------------------------------------------------------------------------------------
-def test_bench_nonexistent_exits_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "path", list(sys.path))  # cmd_bench puts the working directory first
-    assert main(["bench", "nonexistent"]) == 2
-    assert "no benchmark bench/nonexistent.py" in capsys.readouterr().err
-
-
-def test_bench_with_a_missing_dependency_names_it(tmp_path: Path) -> None:
-    """Regression: a benchmark whose own import fails was reported as "no benchmark"."""
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "__init__.py").write_text("")
-    (tmp_path / "bench" / "needsdep.py").write_text(
-        "import lorainv_no_such_dependency\n\n\ndef main(argv):\n    return 0\n"
-    )
-    (tmp_path / "bench" / "ok.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
-    res = run_cli(["bench", "needsdep"], tmp_path)
-    assert res.returncode == 2
-    assert "needs the missing module 'lorainv_no_such_dependency'" in res.stderr
-    assert "no benchmark" not in res.stderr
-    res = run_cli(["bench", "ok", "--quick"], tmp_path)
+def test_bench_lists_every_benchmark_with_a_description(tmp_path: Path) -> None:
+    res = run_cli(["bench"], tmp_path)  # from a directory that is not the repository
     assert res.returncode == 0, res.stderr
-    assert "ran ['--quick']" in res.stdout
+    listed = dict(line.split(None, 1) for line in res.stdout.splitlines()[2:] if line.strip())
+    repo_bench = Path(__file__).resolve().parents[2] / "bench"
+    on_disk = {p.stem for p in repo_bench.glob("*.py") if "\ndef main(" in p.read_text()}
+    assert set(listed) == on_disk and "detect" in listed and "common" not in listed
+    assert listed["detect"].startswith("How fast the stateful fuzzer finds each historic bug")
+
+
+def test_bench_nonexistent_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark named 'nonexistent'" in err and "detect" in err
+
+
+def test_bench_with_a_missing_dependency_names_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Regression: a benchmark whose own import fails was reported as "no benchmark"."""
+    import lorainv.cli.bench as cli_bench
+
+    pkg = tmp_path / "lorainv_fake_bench"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "common.py").write_text(f"def quick_dir():\n    return {str(tmp_path / 'quick')!r}\n")
+    (pkg / "needsdep.py").write_text("import lorainv_no_such_dependency\n\n\ndef main(argv):\n    return 0\n")
+    (pkg / "ok.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli_bench, "PACKAGE", "lorainv_fake_bench")
+    assert main(["bench", "needsdep"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the missing module 'lorainv_no_such_dependency'" in err and "no benchmark" not in err
+    # --quick without --out is pointed at the quick directory, never at committed results
+    assert main(["bench", "ok", "--quick"]) == 0
+    assert f"ran ['--quick', '--out', {str(tmp_path / 'quick')!r}]" in capsys.readouterr().out
+    assert main(["bench", "ok", "--quick", "--out", "here"]) == 0
+    assert "ran ['--quick', '--out', 'here']" in capsys.readouterr().out
