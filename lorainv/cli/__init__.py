@@ -1,14 +1,15 @@
-"""The ``lorainv`` command line: ``generate``, ``fuzz``, ``replay`` and ``bench``.
+"""The ``lorainv`` command line: ``generate``, ``fuzz``, ``replay``, ``gate`` and ``bench``.
 
 Importing this package imports no torch (nor numpy or Hypothesis): each command imports what
 it needs when it runs, so ``--help`` and ``fuzz --list-faults`` answer at once
 (tests/unit/test_cli.py checks it in a fresh interpreter).
 
-One module per command (``generate.py``, ``fuzz.py``, ``replay.py``, ``bench.py``); each has
+One module per command (``generate.py``, ``fuzz.py``, ``replay.py``, ``gate.py``, ``bench.py``); each has
 ``add_parser(sub)`` and ``run(args, out) -> exit code``. Options shared by several commands
 (user checkers, faults) live in ``common.py``.
 
-Exit codes: 0 clean, 1 a violation was found, 2 a usage error or an invalid input file.
+Exit codes: 0 clean, 1 a violation was found, 2 a usage error or an invalid input file
+(``replay`` adds 3: the trace's ``expect`` was not met).
 """
 
 from __future__ import annotations

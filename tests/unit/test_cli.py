@@ -27,7 +27,7 @@ from lorainv.trace import Trace, save
 # a generate request: "r0   gen1  prompt 'hello'" then "           output \"...\"  ids [1, 2]"
 ROW = re.compile(r"^(r\d+)\s+(\S+)\s+prompt (.*)\n\s+output \"(.*)\"  ids (\[[\d, ]*\])$", re.MULTILINE)
 REPLAY_WITH = re.compile(r"replay with:\s+lorainv replay (\S+)")
-SUBCOMMANDS = ("generate", "fuzz", "replay", "bench")
+SUBCOMMANDS = ("generate", "fuzz", "replay", "gate", "bench")
 
 
 def lorainv_cmd() -> list[str]:
