@@ -8,6 +8,16 @@
 * ``lorainv_target``: the target named by ``--lorainv-target`` (default ``lorainv``, the
   engine behind the `Target` protocol; ``vllm`` needs ``ci/install-vllm.sh``), built from
   ``lorainv_config``; drive it with ``apply(op)`` and check it with its own ``checkers()``.
+* ``lorainv_extensions``: ``lorainv_extensions(*items)`` puts user checkers and faults
+  (modules, classes, `Fault` objects) in force for this test only.
+
+User extensions for the whole session: every ``--lorainv-checkers MODULE`` and the installed
+entry points of the ``lorainv.checkers`` / ``lorainv.faults`` groups are in force from
+configure to unconfigure (a module that fails to import is a usage error). Nothing else is:
+a test module that merely imports a checker changes no other test.
+
+The strict level is ``--lorainv-strict``, else ``LORAINV_STRICT_MEM_CHECK`` (or SGLang's
+``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``), else 0; a bad value is a usage error.
 
 The plugin leaves Hypothesis alone: it registers the ``lorainv-ci``, ``lorainv-dev`` and
 ``lorainv-nightly`` profiles (see `lorainv.testing.profiles`) and loads one only when asked,
@@ -16,8 +26,8 @@ with ``--hypothesis-profile`` or ``LORAINV_HYPOTHESIS_PROFILE``. A bad name is a
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -43,6 +53,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="lorainv",
         help="the target the lorainv_target fixture builds (lorainv, vllm)",
     )
+    group.addoption(
+        "--lorainv-checkers",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE and put the user checkers and faults it declares in force for the session (repeatable)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,6 +76,27 @@ def pytest_configure(config: pytest.Config) -> None:
     target = config.getoption("--lorainv-target", default="lorainv")
     if target not in target_names():
         raise pytest.UsageError(f"--lorainv-target={target!r} is not a known target; choose one of {target_names()}")
+    try:
+        strict_level(config)
+    except ConfigError as e:
+        raise pytest.UsageError(str(e)) from None
+    from lorainv.extensions import using
+
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(using(*config.getoption("--lorainv-checkers", default=[]) or [], entry_points=True))
+    except ConfigError as e:  # ExtensionError: a module or entry point that cannot be loaded
+        raise pytest.UsageError(f"lorainv: {e}") from None
+    config.stash[_SCOPE] = stack
+
+
+_SCOPE = pytest.StashKey[contextlib.ExitStack]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stack = config.stash.get(_SCOPE, None)
+    if stack is not None:
+        stack.close()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -80,10 +118,13 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 
 def strict_level(config: pytest.Config) -> int:
+    """``--lorainv-strict``, else the strict-level environment variable, else 0."""
     opt = config.getoption("--lorainv-strict", default=None)
     if opt is not None:
         return int(opt)
-    return int(os.environ.get("LORAINV_STRICT_MEM_CHECK", "0") or 0)
+    from lorainv.cli.common import strict_level as from_env
+
+    return from_env(0)
 
 
 @pytest.fixture
@@ -124,3 +165,19 @@ def lorainv_target(request: pytest.FixtureRequest, lorainv_config: Any) -> Any:
         return make_target(name, lorainv_config)
     except ImportError as e:
         pytest.skip(f"target {name!r} is not installed ({e}); see ci/install-vllm.sh")
+
+
+@pytest.fixture
+def lorainv_extensions() -> Iterator[Callable[..., Any]]:
+    """A function ``use(*items)``: put the user checkers and faults of ``items`` (module names,
+    modules, checker classes, `lorainv.extensions.Fault` objects) in force until this test
+    ends. Call it before building a config that enables a user fault (e.g. from your own
+    ``lorainv_config`` override, which can request this fixture)."""
+    from lorainv.extensions import using
+
+    with contextlib.ExitStack() as stack:
+
+        def use(*items: Any) -> Any:
+            return stack.enter_context(using(*items))
+
+        yield use
