@@ -1,33 +1,58 @@
 """Smoke tests of the benchmarks (issue #8): each ``main(["--quick", "--out", tmp, ...])`` runs
 with extra-small settings, exits 0, and writes JSON with the expected keys and sane values.
 They prove the benchmarks run and check their own outputs; the numbers themselves are not
-asserted beyond sanity (this is a shared CPU machine)."""
+asserted beyond sanity (this is a shared CPU machine). The benchmarks are imported as the
+installed package ``lorainv_bench`` (the wheel's name for ``bench/``), as ``lorainv bench`` does."""
 
 from __future__ import annotations
 
 import json
-import sys
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not installed
-    sys.path.insert(0, str(ROOT))
+from lorainv.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def run(name: str, tmp_path: Path, *args: str) -> dict[str, Any]:
     import importlib
 
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"lorainv_bench.{name}")
     assert module.main(["--quick", "--out", str(tmp_path), *args]) == 0
     doc = json.loads((tmp_path / f"{name}.json").read_text())
     assert doc["benchmark"] == name and doc["quick"] is True
-    assert doc["machine"]["note"] == "CPU, 2 cores, no GPU" and doc["machine"]["cpus"] >= 1
+    m = doc["machine"]
+    # detected on this machine, not written into the code
+    assert m["cpus"] == os.cpu_count() and f"{m['cpus']} core" in m["note"]
+    assert m["cpu"] in m["note"] and ("no GPU" in m["note"]) == (m["gpu"] == "none")
     return doc
+
+
+def _files(d: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()}
+
+
+def test_quick_mode_from_another_directory_leaves_committed_results_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lorainv bench NAME --quick`` runs from any directory and writes to the quick directory
+    (under the temporary directory), never to ``bench/results``."""
+    results = ROOT / "bench" / "results"
+    before = _files(results)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    argv = ["bench", "drainer_ttft", "--quick", "--requests", "30", "--p", "2", "--thresholds", "1"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "tmp" / "lorainv-bench-quick" / "drainer_ttft.json").read_text())
+    assert doc["quick"] is True and [r["requests"] for r in doc["results"]] == [30, 30, 30]
+    assert _files(results) == before
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "bench-results").exists()
 
 
 def test_detect_finds_every_fault(tmp_path: Path) -> None:
