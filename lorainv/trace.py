@@ -76,7 +76,7 @@ class Trace:
         try:
             config = RuntimeConfig.from_dict(cfg)
         except ConfigError as e:
-            raise TraceError(f"trace.config: {e}") from None
+            raise TraceError(f"trace.config: {e}{_user_fault_hint(cfg)}") from None
         seed = data.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TraceError(f"trace.seed must be an int, got {type(seed).__name__}")
@@ -106,6 +106,19 @@ class Trace:
         if not isinstance(target, str) or not target.isidentifier():
             raise TraceError(f"trace.target must be a target name such as 'lorainv' or 'vllm', got {target!r}")
         return cls(config, tuple(ops), seed, numeric, expect, meta, target)
+
+
+def _user_fault_hint(cfg: Any) -> str:
+    """A hint when the config names faults unknown here: they may be a user's own faults."""
+    from lorainv.fault_names import FAULTS
+
+    faults = cfg.get("faults") if isinstance(cfg, dict) else None
+    if isinstance(faults, list) and any(isinstance(f, str) and f not in FAULTS for f in faults):
+        return (
+            "; a user fault is known only with its module: lorainv replay --checkers MODULE, "
+            "or its installed lorainv.faults entry point"
+        )
+    return ""
 
 
 def save(trace: Trace, path: str | os.PathLike[str]) -> Path:

@@ -116,10 +116,22 @@ def _steps(a: argparse.Namespace, root: Path, strict: int) -> list[tuple[str, li
     if n > 0:
         fuzz = [py, "-m", "lorainv.cli", "fuzz", "--fast", "--max-examples", str(n), "--seed", str(seed)]
         fuzz += ["--strict", str(strict), "--json", ".lorainv/fuzz-report.json", "--quiet"]
+        if _fuzz_has("--db"):  # no example database: the gate's budget stays the same examples every run
+            fuzz += ["--db", "none"]
         for m in a.checkers:
             fuzz += ["--checkers", m]
         steps.append(("fuzz", fuzz))
     return steps
+
+
+def _fuzz_has(flag: str) -> bool:
+    """Whether ``lorainv fuzz`` has the option ``flag`` (read from its parser)."""
+    from lorainv.cli import fuzz
+
+    p = argparse.ArgumentParser()
+    fuzz.add_parser(p.add_subparsers())
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return flag in sub.choices["fuzz"]._option_string_actions
 
 
 def run(a: argparse.Namespace, out: TextIO) -> int:
