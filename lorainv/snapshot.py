@@ -1,7 +1,21 @@
 """Immutable, tensor-free views of every pool, produced by ``Engine.snapshot()``.
 
 Checkers read these and nothing else. Token-index sets are numpy arrays (never tensors),
-so a snapshot costs O(pool size) in vectorised copies.
+so a snapshot costs O(pool size) in vectorised copies. Taking a snapshot mutates nothing in
+the engine (a pure read; ``tests/stateful/test_snapshot_purity.py``), and nothing here
+mutates a snapshot once built. Every field is documented in ``docs/snapshot.md``.
+
+A request's ``state`` (`ReqSnap.state`) is one of:
+
+* ``"waiting"``: queued, new or retracted (a retraction sends a request back here); holds no
+  row and no KV;
+* ``"prefilling"``: admitted, some prefill chunks done and more to come; holds a row and KV;
+* ``"decoding"``: prefill complete, one token per decode round; holds a row and KV;
+* ``"finished"``: ended by reaching ``max_new_tokens``; holds nothing, never live again;
+* ``"aborted"``: ended by an abort; holds nothing, never live again.
+
+The first three are *live* (`Snapshot.live`); ended requests stay in ``requests`` until the
+engine forgets them (it keeps the ``max_finished_requests`` most recent).
 """
 
 from __future__ import annotations
@@ -30,19 +44,27 @@ def build(cls: type[_T], **fields: Any) -> _T:
 
 @dataclass(frozen=True)
 class ReqSnap:
+    """One request. ``state`` is one of the five values in this module's docstring.
+
+    Token counts, with ``alloc = len(indices)``: ``cache_len <= kv_len <= alloc`` (K4); the first
+    ``cache_len`` indices belong to the prefix cache, the first ``session_alloc`` are lent by a
+    session slot, and the request itself accounts for ``alloc - cache_len`` (K1). A waiting or
+    ended request has ``row is None`` and no indices.
+    """
+
     rid: str
     state: str
     adapter: str | None
     session_id: str | None
     row: int | None
     indices: np.ndarray  # allocated token indices in row order
-    kv_len: int
+    kv_len: int  # tokens whose KV has been computed (committed)
     cache_len: int  # protected prefix (owned by the prefix cache)
     session_alloc: int  # leading indices lent by an active session slot
-    own_row: bool
-    output_len: int
+    own_row: bool  # the row was allocated for this request (not lent by a session)
+    output_len: int  # tokens generated so far
     max_new_tokens: int
-    fill_len: int
+    fill_len: int  # len(fill)
     row_entries: np.ndarray  # req_to_token[row, :alloc_len] as stored
     cache_node: int | None  # id of the locked prefix-cache node, if any
     fill: tuple[int, ...] = ()  # the tokens the request asked the KV for (history + prompt + outputs)
@@ -50,31 +72,39 @@ class ReqSnap:
 
 @dataclass(frozen=True)
 class PrefixNodeSnap:
+    """One node of the radix prefix cache (the root is not listed). ``namespace`` is the adapter
+    whose KV it holds (None: the base model); ``lock_ref > 0`` while live requests use it."""
+
     id: int
     namespace: str | None
-    parent: int | None
-    indices: np.ndarray
+    parent: int | None  # None: a child of the root
+    indices: np.ndarray  # the token indices holding the edge's KV
     lock_ref: int
     key: tuple[int, ...] = ()  # the token ids on the node's edge (one per index)
 
 
 @dataclass(frozen=True)
 class SessionSnap:
+    """One open streaming session: the KV of its finished turns (``indices``, ``kv_len`` of them
+    computed) in its own row, lent to ``active_rid`` while a turn runs (``is_active``)."""
+
     session_id: str
     row: int | None
     indices: np.ndarray
     kv_len: int
     is_active: bool
     active_rid: str | None
-    adapter: str | None
+    adapter: str | None  # the adapter whose KV the session holds (None: base model or none yet)
 
 
 @dataclass(frozen=True)
 class LoadSnap:
+    """An asynchronous adapter load into ``slot`` that has not been reaped yet."""
+
     uid: str | None
     slot: int
-    done: bool  # event.query()
-    failed: bool
+    done: bool  # event.query(): the copy has landed
+    failed: bool  # the copy failed (it will be reaped as LoadFailed)
 
 
 @dataclass(frozen=True)
@@ -91,6 +121,9 @@ class SlotContentSnap:
 
 @dataclass(frozen=True)
 class LoraSnap:
+    """The LoRA slot pool (checkers L1-L8): which adapter (uid) holds which slot, pins, loads in
+    flight, and what the last step's batch read and evicted."""
+
     num_slots: int
     slot_to_uid: tuple[Any, ...]  # EMPTY is rendered as the string "<EMPTY>"
     uid_to_slot: tuple[tuple[Any, int], ...]
@@ -119,6 +152,8 @@ class LoraSnap:
 
 @dataclass(frozen=True)
 class DrainSnap:
+    """The fairness drainer (checkers L10-L11)."""
+
     enabled: bool
     marks: tuple[tuple[Any, Any], ...]  # (draining adapter, starving adapter)
     reserved: tuple[Any, ...] = ()  # starving adapters a drain freed a slot for
@@ -126,6 +161,8 @@ class DrainSnap:
 
 @dataclass(frozen=True)
 class PinnedEntrySnap:
+    """One slice in the pinned host cache."""
+
     key: str
     adapter: str
     nbytes: int  # bytes of the pinned slice
@@ -147,26 +184,29 @@ EMPTY_NAME = "<EMPTY>"
 
 @dataclass(frozen=True)
 class Snapshot:
-    step: int
-    now: float
+    """Every pool of one engine at one instant. The KV identity K1 reads
+    ``available + evictable + protected + session_held + held_by_requests == total_tokens``."""
+
+    step: int  # steps taken so far
+    now: float  # the engine clock (simulated seconds)
     total_tokens: int
     page_size: int
-    free_indices: np.ndarray
+    free_indices: np.ndarray  # token indices the allocator can hand out
     available: int  # allocator.available_size()
     evictable: int  # prefix cache's own counters
     protected: int
     session_held: int  # SessionManager.session_held_tokens()
-    held_by_requests: int
-    rows_total: int
+    held_by_requests: int  # tokens live requests account for (sum of len(indices) - cache_len)
+    rows_total: int  # rows of req_to_token
     free_rows: tuple[int, ...]
-    requests: tuple[ReqSnap, ...]
+    requests: tuple[ReqSnap, ...]  # live and remembered ended requests
     staged: str | None  # rid of the chunked request staged for the next round
     prefix_nodes: tuple[PrefixNodeSnap, ...]
     sessions: tuple[SessionSnap, ...]
     lora: LoraSnap
     drainer: DrainSnap
     max_loras_per_batch: int
-    idle: bool
+    idle: bool  # no live request and no load in flight
     finished: tuple[str, ...] = field(default=())  # rids that reached a final state (ever)
     pinned: PinnedSnap = field(default_factory=PinnedSnap)
 
