@@ -230,6 +230,14 @@ class LorainvMachine(RuleBasedStateMachine):
             self._fail(rec.violations)
         return rec.events
 
+    def apply(self, op: O.Op, variant: str | None = None) -> list[E.Event]:
+        """Apply ``op`` to the engine and the model in lockstep, then check every pool: the
+        call a custom ``@rule`` of a subclass makes. Counts ``op`` in the coverage counters as
+        ``variant`` (default: the op's kind) and fails the example on a violation; a no-op
+        returning ``[]`` once the example has failed. Mutates the harness (engine, model,
+        records), the coverage counters and the machine's generator-side memory."""
+        return self._apply(op, variant if variant is not None else op.kind)
+
     def _signature(self) -> tuple[Any, ...]:
         m = self.h.model.s if self.h is not None else None
         if m is None:
