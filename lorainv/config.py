@@ -15,12 +15,101 @@ from lorainv.fault_names import FAULTS
 EVICTION_POLICIES = ("lru", "fifo")
 DRAIN_POLICIES = ("preempt", "admission")
 LORA_BACKENDS = ("torch_native", "triton")
-DEVICES = ("cpu", "sim", "cuda")
+# "sim-auto" (the default) lands side-stream copies by itself after ``transfer_latency_steps``
+# engine steps; "sim" lands them only when its driver says so (``complete_transfers`` /
+# ``CompleteTransfers``): the fuzzer and every stored trace use it to choose interleavings.
+DEVICES = ("sim-auto", "sim", "cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 NETWORKS = ("tiny", "dummy")
 # Upper bounds keep an untrusted config (e.g. from a trace file) from allocating without limit.
 MAX_TOKENS = 1 << 24
 MAX_ROWS = 1 << 16
+MAX_LATENCY_STEPS = 10_000
+
+STRICT_ENV = "LORAINV_STRICT_MEM_CHECK"
+# SGLang's own name for the same switch (its scheduler self-checks memory while busy)
+STRICT_ENV_SGLANG = "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY"
+STRICT_LEVELS = (0, 1, 2)
+
+# SGLang server args (``sglang.launch_server --help``) that RuntimeConfig holds under the same name.
+SGLANG_SAME_NAME = (
+    "max_loras_per_batch",
+    "max_lora_rank",
+    "lora_eviction_policy",
+    "lora_backend",
+    "enable_lora_overlap_loading",
+    "max_total_tokens",
+    "page_size",
+    "max_running_requests",
+    "chunked_prefill_size",
+    "tp_size",
+    "dtype",
+    "device",
+)
+# SGLang server args that lorainv does not model, and what to do instead.
+SGLANG_UNMODELLED: dict[str, str] = {
+    "lora_paths": "adapters are not part of the config; register each with Engine.load_adapter(name, path, pinned=...)",
+    "lora_target_modules": "each adapter applies LoRA to the modules its own adapter_config.json names; there is no "
+    "server-wide target set to reserve buffers for",
+    "max_loaded_loras": "lorainv keeps every registered adapter on the host; there is no host-side adapter limit",
+    "max_lora_chunk_size": "it tunes SGLang's csgmv backend, which lorainv does not have (lora_backend is "
+    "'torch_native' or 'triton')",
+}
+
+
+# SGLang server args that RuntimeConfig holds under another name (see `RuntimeConfig.from_sglang_args`).
+SGLANG_RENAMED: dict[str, str] = {
+    "random_seed": "seed",
+    "disable_radix_cache": "enable_prefix_cache (negated)",
+    "enable_lora": "nothing: LoRA is always enabled; only enable_lora=False is refused",
+}
+
+
+def _unknown_fields_message(unknown: list[str]) -> str:
+    """One message for keywords RuntimeConfig has no field for, explaining SGLang's names."""
+    parts = []
+    for name in unknown:
+        if name in SGLANG_UNMODELLED:
+            parts.append(f"{name} is an SGLang server arg that lorainv does not model: {SGLANG_UNMODELLED[name]}")
+        elif name in SGLANG_RENAMED:
+            parts.append(
+                f"{name} is an SGLang server arg; RuntimeConfig.from_sglang_args maps it to {SGLANG_RENAMED[name]}"
+            )
+    rest = [n for n in unknown if n not in SGLANG_UNMODELLED and n not in SGLANG_RENAMED]
+    if rest:
+        parts.append(f"unknown field(s) {rest}; RuntimeConfig has {sorted(RuntimeConfig.__dataclass_fields__)}")
+    return "config: " + "; ".join(parts)
+
+
+def strict_level_from_env(default: int, env: Mapping[str, str] | None = None) -> int:
+    """The strict checking level from the environment, else ``default``.
+
+    Reads ``LORAINV_STRICT_MEM_CHECK`` and SGLang's ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``
+    (an alias); an unset or empty variable does not count. A value other than 0, 1 or 2, or the
+    two set to different levels, is a `ConfigError` naming the variable(s). Pure: reads ``env``
+    (default ``os.environ``) only.
+    """
+    env = os.environ if env is None else env
+    found: dict[str, int] = {}
+    for name in (STRICT_ENV, STRICT_ENV_SGLANG):
+        raw = env.get(name)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            level = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} must be 0, 1 or 2 (off, when idle, every op)") from None
+        if level not in STRICT_LEVELS:
+            raise ConfigError(f"{name}={raw!r}: strict_mem_check={level} is out of range; allowed: [0, 2]")
+        found[name] = level
+    if len(set(found.values())) > 1:
+        shown = ", ".join(f"{k}={v}" for k, v in found.items())
+        raise ConfigError(f"{shown} disagree; {STRICT_ENV_SGLANG} is an alias of {STRICT_ENV}: set one, or both alike")
+    if found:
+        return next(iter(found.values()))
+    if isinstance(default, bool) or not isinstance(default, int) or default not in STRICT_LEVELS:
+        raise ConfigError(f"strict level default={default!r} must be 0, 1 or 2")
+    return default
 
 
 def _int_field(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -61,7 +150,9 @@ class RuntimeConfig:
     lora_drain_max_preemptions: int = 8
     strict_mem_check: int = 0
     lora_backend: str = "torch_native"
-    device: str = "sim"
+    device: str = "sim-auto"
+    # device "sim-auto": a side-stream copy lands at the Nth engine step after it was issued
+    transfer_latency_steps: int = 2
     dtype: str = "float32"
     faults: frozenset[str] = field(default_factory=frozenset)
     seed: int = 0
@@ -75,6 +166,13 @@ class RuntimeConfig:
     # N keeps the N most recently ended requests (bounded by default, so a long run's per-op cost
     # stays flat); 0 keeps every ended request
     max_finished_requests: int = 1024
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RuntimeConfig:
+        # runs before the dataclass __init__, so a wrong keyword is a ConfigError, not a TypeError
+        unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(_unknown_fields_message(unknown))
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         _int_field("max_loras_per_batch", self.max_loras_per_batch, 1, 256)
@@ -95,6 +193,7 @@ class RuntimeConfig:
         _int_field("max_load_retries", self.max_load_retries, 0, 100)
         _int_field("history_steps", self.history_steps, 1, 10_000)
         _int_field("max_finished_requests", self.max_finished_requests, 0, MAX_ROWS)
+        _int_field("transfer_latency_steps", self.transfer_latency_steps, 1, MAX_LATENCY_STEPS)
         if not isinstance(self.enable_lora_overlap_loading, bool):
             raise ConfigError("enable_lora_overlap_loading must be a bool")
         if not isinstance(self.enable_prefix_cache, bool):
@@ -159,16 +258,48 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RuntimeConfig:
-        """``overrides`` then ``LORAINV_STRICT_MEM_CHECK`` and ``LORAINV_FAULTS`` (env wins)."""
+        """``overrides``, then the environment (env wins): the strict level from
+        ``LORAINV_STRICT_MEM_CHECK`` or its SGLang alias ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``
+        (see `strict_level_from_env`), and ``LORAINV_FAULTS`` (comma-separated fault names)."""
         env = os.environ if env is None else env
         kw = dict(overrides)
-        raw = env.get("LORAINV_STRICT_MEM_CHECK")
-        if raw not in (None, ""):
-            try:
-                kw["strict_mem_check"] = int(raw)
-            except ValueError:
-                raise ConfigError(f"LORAINV_STRICT_MEM_CHECK={raw!r} must be 0, 1 or 2") from None
+        if any((env.get(n) or "").strip() for n in (STRICT_ENV, STRICT_ENV_SGLANG)):
+            kw["strict_mem_check"] = strict_level_from_env(0, env)
         faults = env.get("LORAINV_FAULTS")
         if faults:
             kw["faults"] = frozenset(f.strip() for f in faults.split(",") if f.strip())
+        return cls(**kw)
+
+    @classmethod
+    def from_sglang_args(cls, **args: Any) -> RuntimeConfig:
+        """A config from SGLang server-arg names (e.g. ``vars(server_args)`` or a subset).
+
+        Args RuntimeConfig holds under the same name pass through (as do lorainv's own field
+        names); ``random_seed`` becomes ``seed`` and ``disable_radix_cache`` becomes
+        ``enable_prefix_cache=not value``; ``enable_lora=True`` is accepted (LoRA is always on).
+        A value of None means "not set" (SGLang's default for most of these) and is skipped, as is
+        ``dtype="auto"`` (lorainv's default dtype then applies).
+        Args lorainv does not model (``lora_paths``, ``lora_target_modules``, ``max_loaded_loras``,
+        ``max_lora_chunk_size``) and any other name are a `ConfigError` saying why.
+        """
+        kw: dict[str, Any] = {}
+        unknown: list[str] = []
+        for name, value in args.items():
+            if value is None or (name == "dtype" and value == "auto"):  # SGLang's "auto": the model's dtype
+                continue
+            if name == "random_seed":
+                kw["seed"] = value
+            elif name == "disable_radix_cache":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"disable_radix_cache must be a bool, got {value!r}")
+                kw["enable_prefix_cache"] = not value
+            elif name == "enable_lora":
+                if value is not True:
+                    raise ConfigError(f"enable_lora={value!r}: lorainv always serves LoRA; omit it or pass True")
+            elif name in cls.__dataclass_fields__:
+                kw[name] = value
+            else:
+                unknown.append(name)
+        if unknown:
+            raise ConfigError(_unknown_fields_message(sorted(unknown)))
         return cls(**kw)

@@ -3,8 +3,11 @@
 The runtime issues the same calls on both implementations:
 
 * `SimDevice` (CPU, deterministic). Copies issued on a side stream stay *pending* until
-  ``complete(n)`` / ``complete_all()`` (the ``CompleteTransfers`` op) or, with
-  ``auto_complete``, until the next ``poll()``. While pending, the destination reads as NaN
+  ``complete(n)`` / ``complete_all()`` (the ``CompleteTransfers`` op) or, when the device has a
+  ``latency_steps`` L, until the L-th ``poll()`` after the copy was issued (the engine polls
+  once per step, so a copy lands L steps later). ``latency_steps=None`` (device ``sim``) never
+  lands a copy by itself: its driver (the fuzzer, a trace) chooses when; device ``sim-auto``
+  (the default) has ``transfer_latency_steps``, ``cpu`` has 1. While pending, the destination reads as NaN
   (poison) and ``event.query()`` is False. ``wait_event(stream, ev)`` orders the stream after
   the event: pending copies up to ``ev`` are completed first, as a GPU stream would block,
   so the current stream can never read the data early *if it waits*. A forward that skips
@@ -41,6 +44,9 @@ class DeviceEvent(Protocol):
 class Device(Protocol):
     name: str
     torch_device: torch.device
+    # a copy lands by itself within this many ``poll()`` calls; None: no such promise (a driver
+    # lands copies, or the hardware gives no bound)
+    latency_steps: int | None
 
     def current_stream(self) -> Any: ...
     def new_stream(self, name: str) -> Any: ...
@@ -64,6 +70,7 @@ class _Copy:
     dst: torch.Tensor
     src: torch.Tensor
     stream: SimStream
+    due: int | None  # the poll tick at which it lands by itself; None: only when driven
     state: str = "pending"  # pending | done | failed
 
 
@@ -92,9 +99,19 @@ class SimDevice:
 
     name = "sim"
 
-    def __init__(self, auto_complete: bool = False) -> None:
+    def __init__(self, auto_complete: bool = False, latency_steps: int | None = None) -> None:
+        """``latency_steps``: a side-stream copy lands at the ``latency_steps``-th `poll` after
+        it was issued (None: only `complete` or a wait lands it). ``auto_complete=True`` is
+        ``latency_steps=1``: every pending copy lands at the next `poll`."""
+        if latency_steps is None and auto_complete:
+            latency_steps = 1
+        if latency_steps is not None and (
+            isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 1
+        ):
+            raise ConfigError(f"latency_steps must be None or an int >= 1, got {latency_steps!r}")
         self.torch_device = torch.device("cpu")
-        self.auto_complete = auto_complete
+        self.latency_steps = latency_steps
+        self.tick = 0  # polls so far
         self._current = SimStream("current")
         self._pending: deque[_Copy] = deque()
         self._seq = 0
@@ -102,6 +119,11 @@ class SimDevice:
         self.completed = 0
         self.failed = 0
         self.pinned_bytes = 0
+
+    @property
+    def auto_complete(self) -> bool:
+        """Does a pending copy land by itself (at some later `poll`)?"""
+        return self.latency_steps is not None
 
     def current_stream(self) -> SimStream:
         return self._current
@@ -116,7 +138,8 @@ class SimDevice:
         if stream is self._current:
             dst.copy_(src)
             return
-        c = _Copy(self._seq, dst, src, stream)
+        due = None if self.latency_steps is None else self.tick + self.latency_steps
+        c = _Copy(self._seq, dst, src, stream, due)
         if dst.is_floating_point():
             dst.fill_(float("nan"))  # poison: readable before completion means a missing wait
         self._pending.append(c)
@@ -162,9 +185,13 @@ class SimDevice:
         return self.complete(None)
 
     def poll(self) -> None:
-        """Called by the runtime once per step: the auto-complete policy lands copies here."""
-        if self.auto_complete:
-            self.complete_all()
+        """Called by the runtime once per step (mutates): advances the tick and lands, in issue
+        order, every pending copy that is due by now."""
+        self.tick += 1
+        if self.latency_steps is None:
+            return
+        for c in [c for c in self._pending if c.due is not None and c.due <= self.tick]:
+            self._finish(c)
 
     def pending(self) -> int:
         return len(self._pending)
@@ -182,9 +209,10 @@ class TorchCudaDevice:
 
     def __init__(self) -> None:
         if not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but CUDA is not available; use device='sim' or 'cpu'")
+            raise ConfigError("device='cuda' but CUDA is not available; use device='sim-auto' (the default) or 'cpu'")
         self.torch_device = torch.device("cuda")
         self.auto_complete = True
+        self.latency_steps: int | None = None  # the hardware lands copies; no step bound is promised
 
     def current_stream(self) -> Any:
         return torch.cuda.current_stream()
@@ -236,12 +264,16 @@ class _CudaEvent:
         return False
 
 
-def make_device(kind: str) -> Any:
-    """``sim``: manual transfers; ``cpu``: SimDevice that lands copies every step; ``cuda``: real GPU."""
+def make_device(kind: str, latency_steps: int = 2) -> Any:
+    """``sim-auto``: SimDevice that lands a copy ``latency_steps`` steps after issue (the
+    default device); ``sim``: copies land only when driven (``complete``); ``cpu``: SimDevice
+    that lands copies at the next step; ``cuda``: real GPU."""
+    if kind == "sim-auto":
+        return SimDevice(latency_steps=latency_steps)
     if kind == "sim":
         return SimDevice(auto_complete=False)
     if kind == "cpu":
         return SimDevice(auto_complete=True)
     if kind == "cuda":
         return TorchCudaDevice()
-    raise ConfigError(f"device={kind!r} is not allowed; choose one of ['cpu', 'sim', 'cuda']")
+    raise ConfigError(f"device={kind!r} is not allowed; choose one of ['sim-auto', 'sim', 'cpu', 'cuda']")

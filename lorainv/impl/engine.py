@@ -47,6 +47,7 @@ from lorainv.events import (
     TransfersCompleted,
     Unpinned,
 )
+from lorainv.impl import faults
 from lorainv.impl.adapters import LoraAdapter, load_peft_adapter, parse_gen_source
 from lorainv.impl.batch import ForwardBatch, build_lora_batch_info
 from lorainv.impl.clock import Clock, SimClock
@@ -122,7 +123,7 @@ class Engine:
         cfg = config if config is not None else RuntimeConfig()
         self.cfg = cfg
         self.clock: Any = clock if clock is not None else SimClock()
-        self.device = device if device is not None else make_device(cfg.device)
+        self.device = device if device is not None else make_device(cfg.device, cfg.transfer_latency_steps)
         self.network = make_network(model, cfg)
         self.dims = self.network.dims
         self.dtype = cfg.torch_dtype
@@ -134,7 +135,11 @@ class Engine:
         self.cache = PrefixCache(self.allocator, cfg.page_size, cfg.enable_prefix_cache)
         self.sessions = SessionManager(self.allocator, self.rows, cfg.max_sessions, cfg)
         self.pool = make_lora_pool(cfg, self.dims, self.device, self.dtype)
-        self.loader = OverlapLoader(self.pool, self.device, cfg) if cfg.enable_lora_overlap_loading else None
+        self.loader = (
+            OverlapLoader(self.pool, self.device, cfg, step_counter=lambda: self.steps)
+            if cfg.enable_lora_overlap_loading
+            else None
+        )
         self.drainer = Drainer(cfg, self.clock)
         self.registry: dict[str, LoraAdapter] = {}
         self.backend = self._make_backend()
@@ -164,6 +169,8 @@ class Engine:
         # op (every default checker passed), so a caller reading it right then (the harness)
         # need not take and check a second, identical one.
         self.last_checked_snapshot: Any = None
+        # user faults (lorainv.extensions.Fault) named in cfg.faults patch this engine now
+        faults.install_user_faults(self)
 
     def _make_kv_cache(self) -> Any:
         net = self.network
@@ -655,24 +662,41 @@ class Engine:
 
         return take_snapshot(self)
 
-    def check(self) -> list[Violation]:
-        """Run every checker on a fresh snapshot. Pure as to the runtime: its one write is
-        `last_checked_snapshot` (that snapshot when every checker passed, else None)."""
-        from lorainv.checkers import run_checks
+    def _progress_facts(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(rid, state, adapter) of every live request and (adapter, slot, started step, landed)
+        of every tracked load: what the no-progress check reads. A pure read."""
+        live = tuple((r.rid, r.state.value, r.adapter) for r in self.requests.values() if r.state.live)
+        if self.loader is None:
+            return live, ()
+        started = self.loader.started_steps()
+        return live, tuple((t.uid, t.slot, started[t.uid], t.done) for t in self.loader.tracked())
 
+    def check(self, *, progress_only: bool = False) -> list[Violation]:
+        """Run every checker on a fresh snapshot, then the no-progress check
+        (`lorainv.checkers.liveness.no_progress`); with ``progress_only``, that check alone (no
+        snapshot). Pure as to the runtime: its one write is `last_checked_snapshot` (the
+        snapshot when every check passed, else None; left alone with ``progress_only``)."""
+        from lorainv.checkers import liveness, run_checks
+
+        live, loads = self._progress_facts()
+        latency = getattr(self.device, "latency_steps", None)
+        view = liveness.ProgressView(self.steps, latency, live, tuple(liveness.PendingLoad(*t) for t in loads))
+        if progress_only:
+            return liveness.no_progress(view)
         snap = self.snapshot()
-        out = run_checks(snap)
+        out = run_checks(snap) + liveness.no_progress(view)
         self.last_checked_snapshot = None if out else snap
         return out
 
     def _strict_hook(self, op: Op) -> None:
         """The engine's one way to the checkers (``strict_mem_check``): level 2 checks every
-        pool after every op, level 1 after a step that leaves the engine idle (the leak check).
-        A violation raises `InvariantViolation` with the recent step history (level 2)."""
+        pool after every op; level 1 runs the no-progress check after every step, and every
+        checker after a step that leaves the engine idle (the leak check). A violation raises
+        `InvariantViolation` with the recent step history (level 2)."""
         level = self.cfg.strict_mem_check
-        if not (level >= 2 or (level == 1 and isinstance(op, Step) and self.is_idle())):
+        if level == 0 or (level == 1 and not isinstance(op, Step)):
             return
-        violations = self.check()
+        violations = self.check(progress_only=level == 1 and not self.is_idle())
         if violations:
             recent = [f"step {n}: " + ", ".join(str(e) for e in evs) for n, evs in self.history]
             raise InvariantViolation(violations, recent if self.cfg.strict_mem_check >= 2 else [])

@@ -14,7 +14,7 @@ Invariants (L8):
   the event dict alone.
 
 Mutating calls: `reap`, `reap_completed`, `start_load`. Pure reads (a
-snapshot may call them): `status`, `is_ready`, `in_flight`, `tracked`. Events of loads reaped
+snapshot may call them): `status`, `is_ready`, `in_flight`, `tracked`, `started_steps`. Events of loads reaped
 by `reap_completed` or `start_load` are queued and returned by the next `reap`, so none is
 lost: call `reap` once per engine op.
 
@@ -26,7 +26,7 @@ read from the event dict), ``use_before_transfer`` (`is_ready` as soon as mapped
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -57,13 +57,18 @@ class TrackedLoad(NamedTuple):
 class _Entry:
     slot: int
     event: Any
+    started: int  # the engine step during which the load was issued
 
 
 class OverlapLoader:
     """Starts loads on its own stream and reaps them; see the module docstring for the rules."""
 
-    def __init__(self, pool: LoraPool, device: Any, cfg: RuntimeConfig) -> None:
+    def __init__(
+        self, pool: LoraPool, device: Any, cfg: RuntimeConfig, step_counter: Callable[[], int] | None = None
+    ) -> None:
+        """``step_counter``: the engine's step count, read when a load starts (for `started_steps`)."""
         self.pool = pool
+        self._step_counter = step_counter if step_counter is not None else (lambda: 0)
         self.device = device
         self.cfg = cfg
         self.stream = device.new_stream("lora_load")
@@ -107,6 +112,10 @@ class OverlapLoader:
             TrackedLoad(uid, e.slot, bool(e.event.query()), bool(e.event.failed)) for uid, e in self._pending.items()
         )
 
+    def started_steps(self) -> dict[Uid, int]:
+        """Tracked uid -> the engine step its load was issued in (pure: no reaping)."""
+        return {uid: e.started for uid, e in self._pending.items()}
+
     def start_load(self, uid: Uid, adapter: LoraAdapter | None, protected: Any) -> list[Event] | None:
         """Reaps, then loads ``uid`` into a free slot or a victim outside ``protected`` and the
         loads in flight, on the side stream. None when there is no room (nothing changed)."""
@@ -117,7 +126,7 @@ class OverlapLoader:
         if choice is None:
             return None
         events = self.pool.load(uid, adapter, choice[0], self.stream)
-        self._pending[uid] = _Entry(choice[0], self.device.record_event(self.stream))
+        self._pending[uid] = _Entry(choice[0], self.device.record_event(self.stream), self._step_counter())
         return events
 
     def _reap_done(self, only: Collection[Uid] | None = None) -> None:

@@ -61,7 +61,10 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"lora_eviction_policy": "lfu"}, "lora_eviction_policy", "['lru', 'fifo']"),
     ({"lora_eviction_policy": "LRU"}, "lora_eviction_policy", "['lru', 'fifo']"),
     ({"lora_backend": "cutlass"}, "lora_backend", "['torch_native', 'triton']"),
-    ({"device": "tpu"}, "device", "['cpu', 'sim', 'cuda']"),
+    ({"device": "tpu"}, "device", "['sim-auto', 'sim', 'cpu', 'cuda']"),
+    ({"transfer_latency_steps": 0}, "transfer_latency_steps", "[1, 10000]"),
+    ({"transfer_latency_steps": 10_001}, "transfer_latency_steps", "[1, 10000]"),
+    ({"transfer_latency_steps": 2.0}, "transfer_latency_steps", "must be an int"),
     ({"dtype": "int8"}, "dtype", "['float32', 'float64', 'bfloat16', 'float16']"),
     ({"network": "llama"}, "network", "['tiny', 'dummy']"),
     ({"lora_drain_wait_threshold": -0.5}, "lora_drain_wait_threshold", "finite number >= 0"),
@@ -139,7 +142,8 @@ def test_defaults() -> None:
     assert cfg.page_size == 1
     assert cfg.max_total_tokens == 2048
     assert cfg.strict_mem_check == 0
-    assert cfg.device == "sim"
+    assert cfg.device == "sim-auto"  # lands copies by itself: the public API alone makes progress
+    assert cfg.transfer_latency_steps == 2
     assert cfg.faults == frozenset()
     assert cfg.enable_prefix_cache is True
     assert cfg.max_finished_requests == 1024  # bounded: a long run does not keep every ended request

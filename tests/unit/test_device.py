@@ -253,7 +253,9 @@ def test_make_device_cuda_without_cuda_raises() -> None:
 
 
 def test_make_device_unknown() -> None:
-    with pytest.raises(ConfigError, match=r"device='tpu' is not allowed; choose one of \['cpu', 'sim', 'cuda'\]"):
+    with pytest.raises(
+        ConfigError, match=r"device='tpu' is not allowed; choose one of \['sim-auto', 'sim', 'cpu', 'cuda'\]"
+    ):
         make_device("tpu")
 
 

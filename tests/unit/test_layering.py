@@ -65,7 +65,7 @@ def test_engine_reaches_checkers_in_one_place() -> None:
     to_checkers = [(w, m) for w, m in _imports(ROOT / "impl" / "engine.py") if m.startswith("lorainv.checkers")]
     assert to_checkers == [("check", "lorainv.checkers")]
     src = (ROOT / "impl" / "engine.py").read_text()
-    assert src.count("self.check()") == 1 and "def _strict_hook" in src
+    assert src.count("self.check(") == 1 and "def _strict_hook" in src
 
 
 def test_no_fault_only_hooks_in_the_loader() -> None:

@@ -109,11 +109,12 @@ def test_level_1_raises_only_when_idle_and_names_the_leaked_indices() -> None:
 def test_level_1_checks_once_per_idle_step(monkeypatch: pytest.MonkeyPatch) -> None:
     e = Engine(dummy_config(strict_mem_check=1))
     calls: list[bool] = []
+    progress_only: list[bool] = []  # the no-progress check alone, after every busy step (issue 15 §4)
     real = e.check
 
-    def counting() -> list[Violation]:
-        calls.append(e.is_idle())
-        return real()
+    def counting(**kw: bool) -> list[Violation]:
+        (progress_only if kw.get("progress_only") else calls).append(e.is_idle())
+        return real(**kw)
 
     monkeypatch.setattr(e, "check", counting)
     e.apply(AddRequest("r0", (1, 2, 3), None, 3))
@@ -124,7 +125,8 @@ def test_level_1_checks_once_per_idle_step(monkeypatch: pytest.MonkeyPatch) -> N
         e.apply(Step())
         idle_after.append(e.is_idle())
     assert idle_after == [False, False, True, True, True, True]
-    assert calls == [True] * 4  # one check per step that left the engine idle
+    assert calls == [True] * 4  # one full check per step that left the engine idle
+    assert progress_only == [False, False]
 
 
 def test_level_1_abort_mid_prefill() -> None:
