@@ -8,8 +8,18 @@ One module per command (``generate.py``, ``fuzz.py``, ``replay.py``, ``gate.py``
 ``add_parser(sub)`` and ``run(args, out) -> exit code``. Options shared by several commands
 (user checkers, faults) live in ``common.py``.
 
-Exit codes: 0 clean, 1 a violation was found, 2 a usage error or an invalid input file
-(``replay`` adds 3: the trace's ``expect`` was not met).
+Commands: ``generate``, ``fuzz``, ``replay``, ``gate`` (the CI gate) and ``bench``.
+
+Exit codes:
+
+====  ===============================================================================
+0     clean (for ``replay``: clean, and the trace expects no violation)
+1     a violation was found (``replay``: the trace's expected violation reproduced, or any
+      violation for a trace without ``expect``; ``gate``: a step failed)
+2     usage error or invalid input file (unknown fault, bad checker module, bad trace)
+3     ``replay`` only: the trace's ``expect`` is not met (a different violation, or none)
+130   interrupted (Ctrl-C)
+====  ===============================================================================
 """
 
 from __future__ import annotations
