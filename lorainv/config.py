@@ -237,7 +237,11 @@ class RuntimeConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RuntimeConfig:
-        """Build from a dict (as written by :meth:`to_dict`); unknown keys are a `ConfigError`."""
+        """Build from a dict (as written by :meth:`to_dict`); unknown keys are a `ConfigError`.
+
+        A missing key takes the field's default, except ``device``: `to_dict` always writes it,
+        so a dict without one predates ``sim-auto`` and meant the old default ``sim`` (copies
+        land only when the trace says so); it keeps that meaning and replays as it did."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be an object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -245,6 +249,7 @@ class RuntimeConfig:
         if unknown:
             raise ConfigError(f"config: unknown field(s) {unknown}")
         kw = dict(data)
+        kw.setdefault("device", "sim")
         if "faults" in kw:
             if not isinstance(kw["faults"], (list, tuple, set, frozenset)) or not all(
                 isinstance(f, str) for f in kw["faults"]

@@ -216,8 +216,19 @@ def test_dict_round_trip_through_json(overrides: dict[str, Any]) -> None:
 
 
 def test_from_dict_partial_uses_defaults() -> None:
-    cfg = RuntimeConfig.from_dict({"seed": 3})
+    cfg = RuntimeConfig.from_dict({"seed": 3, "device": "sim-auto"})
     assert cfg == RuntimeConfig(seed=3)
+
+
+def test_from_dict_without_device_keeps_the_old_default_sim() -> None:
+    """to_dict always writes ``device``; a dict without it predates the ``sim-auto`` default and
+    meant ``sim`` (copies land only when the trace completes them), so it replays as before."""
+    assert RuntimeConfig.from_dict({"seed": 3}).device == "sim"
+    old = {
+        k: v for k, v in RuntimeConfig(device="sim").to_dict().items() if k not in ("device", "transfer_latency_steps")
+    }
+    assert RuntimeConfig.from_dict(old) == RuntimeConfig(device="sim")
+    assert RuntimeConfig.from_dict(RuntimeConfig().to_dict()).device == "sim-auto"  # a new dict names its device
 
 
 def test_from_dict_unknown_field() -> None:
