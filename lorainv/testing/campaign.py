@@ -1,11 +1,18 @@
 """Run the state machine as a campaign: a fixed example budget or a time limit, a seed,
-progress reporting, and the shrunk failing trace. Used by ``lorainv fuzz``, the fault
-self-test and ``bench/detect.py``.
+progress reporting, and the shrunk failing trace. Used by ``lorainv fuzz`` (through
+`lorainv.testing.fuzzrun`), the fault self-test and ``bench/detect.py``.
+
+Example database: ``database=None`` (the default) reads and writes none, so library callers and
+tests stay independent of each other's runs. With a database, Hypothesis saves every failing
+example under the machine's name (the key is derived from it), and ``reuse=True`` replays the
+saved examples of that name before generating (``replay_only=True``: replay and nothing else).
+A passing replay is deleted from the database by Hypothesis.
 """
 
 from __future__ import annotations
 
 import time
+import unittest
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +20,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hyp_seed
+from hypothesis.database import ExampleDatabase
 from hypothesis.errors import Flaky
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -48,6 +56,7 @@ class CampaignResult:
     transitions: int
     error: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    stopped: bool = False  # ended early because ``stop()`` returned True (no failure was lost)
 
     @property
     def coverage(self) -> dict[str, Any]:
@@ -67,6 +76,12 @@ def _minimize_saved(trace: Trace, path: str | None) -> tuple[Trace, str | None]:
     return smaller, path
 
 
+class StopRequested(KeyboardInterrupt):
+    """Raised between examples when the campaign's ``stop()`` says so. A KeyboardInterrupt
+    subclass because Hypothesis lets those through at once, without saving the example to
+    the database or retrying it as a failure."""
+
+
 def run_campaign(
     *,
     max_examples: int = 200,
@@ -81,11 +96,19 @@ def run_campaign(
     progress: Callable[[dict[str, Any]], None] | None = None,
     name: str = "fuzz",
     policy: frozenset[str] | None = None,
+    database: ExampleDatabase | None = None,
+    reuse: bool = False,
+    replay_only: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> CampaignResult:
     """Run ``max_examples`` examples of the machine; stop at the first (shrunk) failure.
 
-    Sets torch to one intra-op thread: a campaign's tensors are tiny, and parallel campaigns
-    run as separate processes.
+    ``database``: Hypothesis's example database (failing examples are saved under ``name``);
+    ``reuse``: replay the examples saved under ``name`` first; ``replay_only``: only that.
+    ``stop``: asked after every passing example while no failure has been found; True ends
+    the run early (``stopped``), with the stats so far. A real Ctrl-C (KeyboardInterrupt)
+    propagates. Sets torch to one intra-op thread: a campaign's tensors are tiny, and parallel
+    campaigns run as separate processes.
     """
     import torch
 
@@ -97,14 +120,23 @@ def run_campaign(
             for k, v in FAULT_SETUPS.get(f, {}).items():
                 cfg.setdefault(k, v)
     machine: type[LorainvMachine] = make_machine(name, network=network, numeric=numeric, policy=policy, **cfg)
-    if progress is not None:
-        machine.progress = staticmethod(progress)
-    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+    if progress is not None or stop is not None:
+
+        def after_example(stats: dict[str, Any]) -> None:
+            if progress is not None:
+                progress(stats)
+            if stop is not None and machine.last_failure is None and stop():
+                raise StopRequested
+
+        machine.progress = staticmethod(after_example)
+    reusing = [Phase.reuse] if database is not None and (reuse or replay_only) else []
+    finding = [] if replay_only else [Phase.explicit, Phase.generate]
+    phases = reusing + finding + ([Phase.shrink] if shrink else [])
     s = settings(
         max_examples=max_examples,
         stateful_step_count=steps,
         deadline=None,
-        database=None,
+        database=database,
         derandomize=derandomize,
         phases=phases,
         report_multiple_bugs=False,
@@ -114,8 +146,13 @@ def run_campaign(
     factory = hyp_seed(seed)(machine) if not derandomize else machine
     t0 = time.monotonic()
     error = ""
+    stopped = False
     try:
         run_state_machine_as_test(factory, settings=s)
+        found = False
+    except StopRequested:
+        found, stopped = False, True
+    except unittest.SkipTest:  # Hypothesis ran nothing: a replay with no saved example
         found = False
     except (AssertionError, Flaky) as e:
         found = True
@@ -135,4 +172,5 @@ def run_campaign(
         transitions=len(st.get("transitions", ())),
         error=error,
         stats=st,
+        stopped=stopped,
     )
