@@ -104,7 +104,7 @@ def _steps(a: argparse.Namespace, root: Path, strict: int) -> list[tuple[str, li
             steps.append(("mypy", [py, "-m", "mypy", "lorainv"]))
     workers = a.workers if a.workers is not None else _env_int("LORAINV_WORKERS", 2)
     cmd = [py, "-m", "pytest", "-q", f"--lorainv-strict={strict}"]
-    if a.profile:
+    if a.profile:  # (run() also exports LORAINV_HYPOTHESIS_PROFILE, for pytest runs the tests start)
         cmd.append(f"--hypothesis-profile={a.profile}")
     if workers > 0 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(workers)]
@@ -155,6 +155,8 @@ def run(a: argparse.Namespace, out: TextIO) -> int:
     env = dict(os.environ)
     env["LORAINV_STRICT_MEM_CHECK"] = str(strict)
     env.pop("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY", None)  # one level, stated once
+    if a.profile:
+        env["LORAINV_HYPOTHESIS_PROFILE"] = a.profile
     trace_dir = Path(env.get("LORAINV_TRACE_DIR") or root / ".lorainv" / "traces").resolve()
     env["LORAINV_TRACE_DIR"] = str(trace_dir)
     trace_dir.mkdir(parents=True, exist_ok=True)
