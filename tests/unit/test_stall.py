@@ -132,3 +132,33 @@ def test_manual_device_pending_loads_are_left_to_its_driver() -> None:
         engine.complete_transfers()
         engine.step()
     assert all(engine.status(r) in ("finished", "aborted") for r in rids)
+
+
+def test_sim_device_lands_each_copy_at_its_own_due_poll() -> None:
+    import torch
+
+    from lorainv.errors import ConfigError
+    from lorainv.impl.device import SimDevice
+
+    dev = SimDevice(latency_steps=3)
+    side = dev.new_stream("side")
+    a, b = torch.zeros(2), torch.zeros(2)
+    dev.copy_async(a, torch.ones(2), side)  # issued at tick 0: due at tick 3
+    dev.poll()
+    dev.copy_async(b, torch.full((2,), 2.0), side)  # issued at tick 1: due at tick 4
+    ev_a = dev.record_event(side)
+    dev.poll()
+    assert dev.pending() == 2 and bool(torch.isnan(a).all()) and not ev_a.query()
+    dev.poll()  # tick 3
+    assert dev.pending() == 1 and a.tolist() == [1.0, 1.0] and bool(torch.isnan(b).all())
+    dev.poll()  # tick 4
+    assert dev.pending() == 0 and b.tolist() == [2.0, 2.0] and ev_a.query()
+    manual = SimDevice()
+    manual.copy_async(a, torch.zeros(2), manual.new_stream("side"))
+    for _ in range(100):
+        manual.poll()
+    assert manual.pending() == 1 and manual.latency_steps is None and not manual.auto_complete
+    assert manual.complete_all() == (1, 0) and a.tolist() == [0.0, 0.0]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="latency_steps must be None or an int >= 1"):
+            SimDevice(latency_steps=bad)  # type: ignore[arg-type]
