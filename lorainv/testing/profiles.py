@@ -11,7 +11,9 @@ a user's own included).
 
 ``LORAINV_HYPOTHESIS_DB=redis://host:port[/db]`` replaces the database of ``lorainv-dev`` and
 ``lorainv-nightly`` with Hypothesis's Redis example database, so several machines or xdist
-workers share the failures they find.
+workers share the failures they find; ``LORAINV_HYPOTHESIS_DB=none`` gives them no database (as
+``lorainv fuzz --db none``). Anything else is refused: a mistyped URL must not silently become a
+local directory.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ PROFILES = ("lorainv-ci", "lorainv-dev", "lorainv-nightly")
 
 
 def database_from_env(env: Mapping[str, str] | None = None) -> ExampleDatabase | None:
-    """The Redis example database named by ``LORAINV_HYPOTHESIS_DB``, or None if unset."""
+    """The Redis example database named by ``LORAINV_HYPOTHESIS_DB``; None if unset or ``none``."""
     env = os.environ if env is None else env
     url = env.get("LORAINV_HYPOTHESIS_DB", "")
-    if not url:
+    if not url or url.strip().lower() == "none":
         return None
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"LORAINV_HYPOTHESIS_DB={url!r} must be a redis:// URL")
+        raise ConfigError(f"LORAINV_HYPOTHESIS_DB={url!r} must be a redis:// URL or 'none'")
     try:
         import redis
         from hypothesis.extra.redis import RedisExampleDatabase
@@ -53,8 +55,9 @@ def register_profiles(env: Mapping[str, str] | None = None) -> None:
         "deadline": None,
         "suppress_health_check": [HealthCheck.too_slow],
     }
-    db = database_from_env(env)
-    local: dict[str, Any] = {} if db is None else {"database": db}
+    given = (os.environ if env is None else env).get("LORAINV_HYPOTHESIS_DB", "")
+    # unset: Hypothesis's local database; set (``none`` included): exactly the one it names
+    local: dict[str, Any] = {"database": database_from_env(env)} if given else {}
     settings.register_profile("lorainv-ci", derandomize=True, database=None, max_examples=60, print_blob=True, **shared)
     settings.register_profile("lorainv-dev", max_examples=100, **shared, **local)
     settings.register_profile("lorainv-nightly", max_examples=5000, stateful_step_count=60, **shared, **local)

@@ -77,6 +77,12 @@ def test_redis_url_replaces_the_database_of_dev_and_nightly_only(restore_profile
         assert isinstance(settings.get_profile(name).database, RedisExampleDatabase)
 
 
+def test_none_gives_dev_and_nightly_no_database(restore_profiles: None) -> None:
+    register_profiles({"LORAINV_HYPOTHESIS_DB": "none"})  # as lorainv fuzz --db none
+    for name in ("lorainv-ci", "lorainv-dev", "lorainv-nightly"):
+        assert settings.get_profile(name).database is None
+
+
 def test_load_profile_from_env(restore_profiles: None) -> None:
     before = settings.get_current_profile_name()
     assert load_profile_from_env({}) is None
