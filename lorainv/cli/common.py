@@ -24,23 +24,6 @@ def torch_threads() -> None:
     torch.set_num_threads(1)
 
 
-def strict_level(default: int) -> int:
-    """The strict memory-check level ``LORAINV_STRICT_MEM_CHECK`` (or SGLang's alias) asks for,
-    else ``default``; a bad value is a `ConfigError` naming the variable."""
-    try:
-        from lorainv.config import strict_level_from_env
-    except ImportError:  # until lorainv.config provides it: the one variable, read here
-        from lorainv.errors import ConfigError
-
-        raw = os.environ.get("LORAINV_STRICT_MEM_CHECK", "").strip()
-        if not raw:
-            return default
-        if raw not in ("0", "1", "2"):
-            raise ConfigError(f"LORAINV_STRICT_MEM_CHECK={raw!r} must be 0, 1 or 2") from None
-        return int(raw)
-    return strict_level_from_env(default)
-
-
 def fault_catalogue() -> dict[str, str]:
     """Every fault a run may enable: name -> one-line description (the catalogue, then the
     user faults in force)."""

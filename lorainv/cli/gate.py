@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from lorainv.cli.common import add_checkers_arg, strict_level
+from lorainv.cli.common import add_checkers_arg
+from lorainv.config import strict_level_from_env
 
 
 def _env_int(name: str, default: int) -> int:
@@ -150,7 +151,7 @@ def run(a: argparse.Namespace, out: TextIO) -> int:
         from lorainv.extensions import collect
 
         collect(a.checkers)
-    strict = a.strict if a.strict is not None else strict_level(2)
+    strict = a.strict if a.strict is not None else strict_level_from_env(2)
     root = Path.cwd()
     env = dict(os.environ)
     env["LORAINV_STRICT_MEM_CHECK"] = str(strict)

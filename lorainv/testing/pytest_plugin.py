@@ -122,9 +122,9 @@ def strict_level(config: pytest.Config) -> int:
     opt = config.getoption("--lorainv-strict", default=None)
     if opt is not None:
         return int(opt)
-    from lorainv.cli.common import strict_level as from_env
+    from lorainv.config import strict_level_from_env
 
-    return from_env(0)
+    return strict_level_from_env(0)
 
 
 @pytest.fixture
