@@ -1,6 +1,6 @@
 """The names of the injectable faults (docs/design.md §6), each with the historic bug it re-creates.
 
-A leaf of the vocabulary: it imports nothing from lorainv, so `lorainv.config` can validate
+A leaf of the vocabulary: it imports only `lorainv.errors`, so `lorainv.config` can validate
 ``faults=...`` without reaching into the runtime. Where each catalogue fault lives in the
 runtime is `lorainv.impl.faults`' concern.
 
@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lorainv.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -35,9 +37,11 @@ class Fault:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"a fault name must be an identifier, got {self.name!r}")
+            raise ConfigError(f"a fault name must be an identifier, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise ConfigError(f"fault {self.name!r}: description must be a string, got {self.description!r}")
         if not callable(self.install):
-            raise ValueError(f"fault {self.name!r}: install must be callable, got {self.install!r}")
+            raise ConfigError(f"fault {self.name!r}: install must be callable, got {self.install!r}")
 
 
 CATALOGUE: dict[str, str] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from lorainv.errors import Violation
+from lorainv.errors import ConfigError, Violation
 from lorainv.snapshot import Snapshot
 
 
@@ -81,12 +81,12 @@ def user_checkers() -> dict[str, Factory]:
 def set_user_checkers(factories: dict[str, Factory]) -> dict[str, Factory]:
     """Put exactly ``factories`` in force as the user checkers (replacing the previous set) and
     return the previous set, for the caller to restore. Mutates this module's registry; only
-    scopes (`lorainv.extensions`) call it. A name of a built-in checker is refused (ValueError)."""
+    scopes (`lorainv.extensions`) call it. A name of a built-in checker is refused (ConfigError)."""
     global _FACTORIES, _USER
     _load_all()
     clash = sorted(set(factories) & set(_BUILTIN))
     if clash:
-        raise ValueError(f"user checker name(s) {clash} are taken by lorainv's own checkers")
+        raise ConfigError(f"user checker name(s) {clash} are taken by lorainv's own checkers")
     prev = _USER
     _USER = dict(factories)
     _FACTORIES = {**_BUILTIN, **_USER}

@@ -110,6 +110,15 @@ def test_classes_and_fault_objects_are_scoped_too() -> None:
     assert "always_t1" not in checker_names() and "plain_fault" not in FAULTS
 
 
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [(("bad name", "d", print), "identifier"), (("f", None, print), "description"), (("f", "d", 3), "callable")],
+)
+def test_a_malformed_fault_is_a_config_error(args: tuple[object, object, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Fault(*args)  # type: ignore[arg-type]
+
+
 def test_parse_faults_merges_lorainv_faults(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
