@@ -27,7 +27,8 @@ def install_user_faults(engine: Any) -> None:
     through each fault's ``install``), in name order. A no-op when only catalogue faults are on.
 
     A name that is neither in the catalogue nor a user fault of the scope in force (the config
-    was built inside a scope, the engine outside it) is a `ConfigError`.
+    was built inside a scope, the engine outside it), or an ``install`` that raises, is a
+    `ConfigError` naming the fault.
     """
     names = sorted(n for n in engine.cfg.faults if n not in CATALOGUE)
     if not names:
@@ -40,4 +41,7 @@ def install_user_faults(engine: Any) -> None:
             "lorainv.extensions.using(...) / --checkers MODULE / its entry point"
         )
     for n in names:
-        known[n].install(engine)
+        try:
+            known[n].install(engine)
+        except Exception as e:  # the user's code: name it, keep its traceback as the cause
+            raise ConfigError(f"user fault {n!r}: install(engine) failed: {type(e).__name__}: {e}") from e

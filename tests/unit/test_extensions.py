@@ -119,6 +119,16 @@ def test_a_malformed_fault_is_a_config_error(args: tuple[object, object, object]
         Fault(*args)  # type: ignore[arg-type]
 
 
+def test_an_install_that_raises_is_a_config_error_naming_the_fault() -> None:
+    def install(engine: object) -> None:
+        raise AttributeError("engine has no attribute 'old_name'")
+
+    with using(Fault("stale_api", "patches a renamed attribute", install)):
+        cfg = RuntimeConfig(faults=frozenset({"stale_api"}))
+        with pytest.raises(ConfigError, match=r"user fault 'stale_api': install\(engine\) failed: AttributeError"):
+            Engine(cfg)
+
+
 def test_parse_faults_merges_lorainv_faults(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
