@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points as _entry_points
@@ -135,10 +137,23 @@ def _is_checker(obj: Any) -> bool:
 
 
 def _import(module: str) -> ModuleType:
+    """Import ``module`` as ``python -m`` would find it: from sys.path, else from the current
+    directory (the ``lorainv`` script, unlike ``python -m``, does not put it on sys.path)."""
     if not isinstance(module, str) or not module.strip():
         raise ExtensionError(f"checker module must be a module name such as 'myproj.checks', got {module!r}")
+    name = module.strip()
     try:
-        return importlib.import_module(module.strip())
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            cwd = os.getcwd()
+            if e.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+                raise
+            sys.path.insert(0, cwd)  # for this import only
+            try:
+                return importlib.import_module(name)
+            finally:
+                sys.path.remove(cwd)
     except ModuleNotFoundError as e:
         raise ExtensionError(f"cannot import checker module {module!r}: {e}") from None
     except Exception as e:  # the user's module raised while importing

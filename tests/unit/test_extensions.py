@@ -168,6 +168,16 @@ def test_bad_modules_are_extension_errors_and_change_nothing(
     assert (checker_names(), dict(FAULTS)) == before
 
 
+def test_a_module_in_the_current_directory_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # as with the `lorainv` script, whose sys.path does not hold the current directory
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    write_module(tmp_path, "cwd_checks_mod", "from lorainv.extensions import Fault\nF = Fault('cwd_f', 'd', print)\n")
+    with using("cwd_checks_mod"):
+        assert "cwd_f" in FAULTS
+    assert str(tmp_path) not in sys.path
+
+
 def write_dist(root: Path, dist: str, entry_points: str) -> None:
     """An installed distribution as importlib.metadata sees it: a ``.dist-info`` on sys.path."""
     info = root / f"{dist}-1.0.dist-info"
