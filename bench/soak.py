@@ -18,8 +18,9 @@ every session is closed and every adapter unloaded; what is still held is a leak
   memory; nothing else may hold any);
 * rows: ``req_to_token`` rows not free; slots: LoRA slots held by anything but the base model.
 
-Run ``python -m bench.soak [--quick] [--ops N] [--seed S] [--out DIR_OR_JSON]``; writes
-``bench/results/soak.json`` and prints a table. Exit 1 on any violation or leak.
+Run ``lorainv bench soak [--quick] [--ops N] [--seed S] [--out DIR_OR_JSON]``; writes
+``bench/results/soak.json`` (``--quick``: a temporary directory) and prints a table. Exit 1 on
+any violation or leak.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from lorainv.config import RuntimeConfig
 from lorainv.errors import Violation
 from lorainv.testing.harness import Harness
 
-RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
+from . import common
+
+RESULTS = common.RESULTS_DIR / "soak.json"
 FULL_OPS = 100_000
 QUICK_OPS = 5_000
 EPISODE_OPS = 0  # one engine for the whole run
@@ -410,7 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"ops per fresh engine (default {EPISODE_OPS:,}; 0: one engine for the whole run)",
     )
     p.add_argument("--faults", default="", help="comma-separated faults to enable (proves the soak's power)")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"a directory or a .json file (default {RESULTS})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"a directory or a .json file (default {RESULTS}; with --quick, {common.quick_dir()})",
+    )
     a = p.parse_args(list(argv) if argv is not None else None)
     n = a.ops if a.ops is not None else (QUICK_OPS if a.quick else FULL_OPS)
     # every tensor here is tiny: intra-op threads only add hand-off latency (~1 ms per op on a
@@ -420,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--ops and --episode-ops must be > {NUM_ADAPTERS} (the adapters are registered first)")
     faults = frozenset(f.strip() for f in a.faults.split(",") if f.strip())
     result = run(n, a.seed, a.episode_ops, faults)
-    result.update(version=__version__, python=platform.python_version(), quick=a.quick)
-    out = a.out if a.out.suffix == ".json" else a.out / "soak.json"
+    result.update(version=__version__, python=platform.python_version(), quick=a.quick, machine=common.machine())
+    where = a.out if a.out is not None else (common.quick_dir() if a.quick else RESULTS)
+    out = where if where.suffix == ".json" else where / "soak.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
