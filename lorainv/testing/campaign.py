@@ -57,6 +57,7 @@ class CampaignResult:
     error: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     stopped: bool = False  # ended early because ``stop()`` returned True (no failure was lost)
+    passed_before_failure: int | None = None  # examples that passed before the first failing one
 
     @property
     def coverage(self) -> dict[str, Any]:
@@ -129,6 +130,22 @@ def run_campaign(
                 raise StopRequested
 
         machine.progress = staticmethod(after_example)
+    # count passing examples up to the first failure (the machine's "examples" stat also counts
+    # an example that fails in its teardown, and shrink attempts)
+    passed = [0]
+    first_failure: list[int] = []
+    machine_teardown = machine.teardown
+
+    def teardown(self: LorainvMachine) -> None:
+        try:
+            machine_teardown(self)
+        finally:
+            if self.failed and not first_failure:
+                first_failure.append(passed[0])
+            elif not self.failed and self.h is not None:
+                passed[0] += 1
+
+    machine.teardown = teardown  # type: ignore[method-assign]
     reusing = [Phase.reuse] if database is not None and (reuse or replay_only) else []
     finding = [] if replay_only else [Phase.explicit, Phase.generate]
     phases = reusing + finding + ([Phase.shrink] if shrink else [])
@@ -173,4 +190,5 @@ def run_campaign(
         error=error,
         stats=st,
         stopped=stopped,
+        passed_before_failure=first_failure[0] if found and first_failure else None,
     )

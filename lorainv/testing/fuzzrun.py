@@ -16,6 +16,7 @@ failure?"), which each backend implements with its own library facilities.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -54,6 +55,7 @@ class ShardSpec:
     db: str = "none"
     replay: tuple[str, ...] = ()
     checkers: tuple[str, ...] = ()
+    generate: bool = True  # False: the replay pass only
 
     @property
     def fault_label(self) -> str:
@@ -102,7 +104,7 @@ class FailureReport:
     mode: str
     shard: int
     phase: str  # "replay" (from the example database) or "generate"
-    examples_before: int  # examples the shard ran before this one failed
+    examples_before: int  # examples that passed in this shard before the failing one (0: the first failed)
     seconds: float  # since the shard started
     shrunk: bool
     first: bool  # the first failure of the whole campaign (the one that was shrunk)
@@ -284,7 +286,7 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
                     mode=mode,
                     shard=spec.index,
                     phase=phase,
-                    examples_before=examples_before + res.examples,
+                    examples_before=examples_before + (res.passed_before_failure or 0),
                     seconds=time.monotonic() - t0,
                     shrunk=shrink,
                     first=first,
@@ -315,7 +317,7 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
             if round_over(res):
                 break
         rnd = 0
-        while not rep.stop_reason:
+        while spec.generate and not rep.stop_reason:
             left = None if spec.max_examples is None else spec.max_examples - rep.examples
             if left is not None and left <= 0:
                 rep.stop_reason = "examples"
@@ -339,6 +341,39 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
     rep.seconds = time.monotonic() - t0
     send(mode, {}, done=True)
     return rep
+
+
+# -- waves and merging ------------------------------------------------------------------------------
+def waves(specs: list[ShardSpec]) -> tuple[list[ShardSpec], list[ShardSpec]]:
+    """Split parallel shards into a replay wave (each shard with saved examples to replay, doing
+    only that) and a generate wave (every shard, replaying nothing), so that the database's
+    failures are replayed before any shard generates new examples."""
+    replay = [dataclasses.replace(s, generate=False) for s in specs if s.replay and s.db.strip().lower() != "none"]
+    generate = [dataclasses.replace(s, replay=()) for s in specs]
+    return replay, generate
+
+
+def combine(reports: list[ShardReport]) -> list[ShardReport]:
+    """One report per shard index (a shard ran in both waves): counts and sets added up,
+    the later wave's stop reason kept unless the first ended the campaign."""
+    by: dict[int, ShardReport] = {}
+    for r in reports:
+        if r.shard not in by:
+            by[r.shard] = r
+            continue
+        t = by[r.shard]
+        t.examples += r.examples
+        t.ops += r.ops
+        t.replayed += r.replayed
+        t.states |= r.states
+        t.transitions |= r.transitions
+        for k, c in r.counters.items():
+            t.counters.setdefault(k, Counter()).update(c)
+        t.rounds.extend(r.rounds)
+        t.failures.extend(r.failures)
+        t.seconds += r.seconds
+        t.stop_reason = r.stop_reason or t.stop_reason
+    return [by[k] for k in sorted(by)]
 
 
 # -- merging ---------------------------------------------------------------------------------------

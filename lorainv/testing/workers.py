@@ -1,5 +1,8 @@
 """Backends that run campaign shards (`lorainv.testing.fuzzrun.run_shard`) in parallel.
 
+Both run the shards in two waves (`lorainv.testing.fuzzrun.waves`): the examples saved in the
+database are replayed first, then every shard generates.
+
 * `run_processes`: N worker processes on this machine (``concurrent.futures`` with the
   ``spawn`` start method). Progress flows back through a ``multiprocessing`` queue; a shared
   event asks every shard to stop; a shared flag under a lock hands out "the first failure".
@@ -29,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from lorainv.testing.fuzzrun import FailureReport, Progress, ShardReport, ShardSpec, run_shard
+from lorainv.testing.fuzzrun import FailureReport, Progress, ShardReport, ShardSpec, combine, run_shard, waves
 
 OnProgress = Callable[[Progress], None]
 
@@ -111,20 +114,25 @@ def run_processes(specs: list[ShardSpec], on_progress: OnProgress) -> tuple[list
     stop = ctx.Event()
     claimed = ctx.Value("b", False)
     interrupted = False
+    reports: list[ShardReport] = []
     with ProcessPoolExecutor(
         max_workers=len(specs), mp_context=ctx, initializer=_init_process, initargs=(q, stop, claimed)
     ) as pool:
-        futures: list[Future[ShardReport]] = [pool.submit(_process_shard, s) for s in specs]
-        pending = set(futures)
-        while pending:
-            try:
-                _drain(q, on_progress, 0.2)
-                _, pending = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
-            except KeyboardInterrupt:
-                interrupted = True
-                stop.set()
-        _drain(q, on_progress, 0)
-        reports = [f.result() for f in futures]
+        for wave in waves(specs):
+            if stop.is_set():
+                break
+            futures: list[Future[ShardReport]] = [pool.submit(_process_shard, s) for s in wave]
+            pending = set(futures)
+            while pending:
+                try:
+                    _drain(q, on_progress, 0.2)
+                    _, pending = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    stop.set()
+            _drain(q, on_progress, 0)
+            reports += [f.result() for f in futures]
+    reports = combine(reports)
     if interrupted:
         for r in reports:
             r.stop_reason = "interrupted"
@@ -219,20 +227,25 @@ def run_ray(
     try:
         coord: Any = ray.remote(num_cpus=0)(_Coordinator).remote()
         task = ray.remote(num_cpus=1, max_retries=0)(_ray_shard)
-        refs = [task.remote(spec, coord) for spec in specs]
-        pending = list(refs)
+        reports: list[ShardReport] = []
         interrupted = False
-        while pending:
-            try:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.3)
-                for msg in ray.get(coord.drain.remote()):
-                    on_progress(msg)
-            except KeyboardInterrupt:
-                interrupted = True
-                coord.request_stop.remote()
-        for msg in ray.get(coord.drain.remote()):
-            on_progress(msg)
-        reports: list[ShardReport] = ray.get(refs)
+        for wave in waves(specs):
+            if ray.get(coord.should_stop.remote()):
+                break
+            refs = [task.remote(spec, coord) for spec in wave]
+            pending = list(refs)
+            while pending:
+                try:
+                    _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.3)
+                    for msg in ray.get(coord.drain.remote()):
+                        on_progress(msg)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    coord.request_stop.remote()
+            for msg in ray.get(coord.drain.remote()):
+                on_progress(msg)
+            reports += ray.get(refs)
+        reports = combine(reports)
     finally:
         if own:
             ray.shutdown()

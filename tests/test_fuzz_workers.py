@@ -1,0 +1,75 @@
+"""``lorainv fuzz --workers N`` (issue 17 §1, §2): worker processes with their own seed streams
+share one example database and one trace directory; the merged report adds up the shards; a
+planted fault is found, one shrunk trace is saved in the driver's trace directory, and the next
+run replays it from the database before generating anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorainv.cli import main
+
+FAULT = "stale_overlap_event"  # found within a few dozen fast examples
+
+
+def run_fuzz(backend: list[str], tmp_path: Path, name: str, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    report = tmp_path / f"{name}.json"
+    rc = main(["fuzz", *backend, "--fast", "--seed", "0", "--quiet", "--json", str(report), *args])
+    return rc, json.loads(report.read_text())
+
+
+def check_planted_fault_then_replay(
+    backend: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shrink: bool = True
+) -> None:
+    """The shared body of the process and Ray tests (``shrink=False``: save the failure as found,
+    which is faster; shrinking runs the same shard code on every backend)."""
+    traces = tmp_path / "traces"
+    monkeypatch.setenv("LORAINV_TRACE_DIR", str(traces))
+    monkeypatch.delenv("LORAINV_FAULTS", raising=False)
+    args = ["--faults", FAULT, "--max-examples", "400", "--stop-on-first", "--db", str(tmp_path / "db")]
+    args += [] if shrink else ["--no-shrink"]
+    rc, first = run_fuzz(backend, tmp_path, "first", *args)
+    assert rc == 1 and first["workers"] == 2 and len(first["shards"]) == 2
+    assert first["examples"] == sum(s["examples"] for s in first["shards"]) > 0
+    assert first["states"] >= max(s["states"] for s in first["shards"])
+    kept = first["failures"][0]
+    assert kept["shrunk"] == shrink and kept["first"] and kept["phase"] == "generate" and kept["fault"] == FAULT
+    saved = sorted(traces.iterdir())
+    assert [Path(f["trace"]) for f in [first]] == [traces / kept["trace_file"]]
+    assert len(saved) == len(first["failures"]) and (traces / kept["trace_file"]).is_file()
+    trace = json.loads((traces / kept["trace_file"]).read_text())
+    assert (
+        trace["expect"] == {"pool": kept["pool"], "invariant": kept["invariant"]}
+        and len(trace["ops"]) == kept["trace_ops"]
+    )
+
+    rc, second = run_fuzz(backend, tmp_path, "second", *args)
+    assert rc == 1
+    again = second["failures"][0]
+    assert (again["phase"], again["examples_before"]) == ("replay", 0), second["failures"]
+    assert (again["pool"], again["invariant"]) == (kept["pool"], kept["invariant"])
+
+
+def test_workers_find_a_planted_fault_and_the_next_run_replays_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_planted_fault_then_replay(["--workers", "2"], tmp_path, monkeypatch)
+
+
+def test_workers_clean_run_merges_every_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAINV_TRACE_DIR", str(tmp_path / "traces"))
+    rc, rep = run_fuzz(["--workers", "2"], tmp_path, "clean", "--max-examples", "6", "--db", "none")
+    assert rc == 0 and rep["violations"] == 0 and rep["backend"] == "processes"
+    # each shard runs its half of the budget (Hypothesis may run an example or two more)
+    assert all(s["examples"] >= 3 for s in rep["shards"]) and rep["examples"] == sum(
+        s["examples"] for s in rep["shards"]
+    )
+    assert sum(r["examples"] for r in rep["rounds"]) == rep["examples"] and {r["shard"] for r in rep["rounds"]} == {
+        0,
+        1,
+    }
+    assert rep["coverage"]["events"]["Queued"] > 0
+    assert not (tmp_path / "traces").exists() or not list((tmp_path / "traces").iterdir())
