@@ -25,6 +25,9 @@ pool ``"policy"``; the invariant is the check's name:
 * ``drain-tolerance``: a draining adapter admits nothing under ``preempt``; under
   ``admission`` only requests with ``max_new_tokens <= lora_drain_tolerance`` x the longest
   remaining work of its running requests.
+* ``drain-threshold``: a drain starts only for an adapter one of whose waiting requests has
+  waited longer than ``lora_drain_wait_threshold`` since it last entered the queue (arrival
+  or retraction), on the clock of the ``AdvanceClock`` ops.
 * ``no-thrash``: nothing loaded in an op is evicted in the same op (a load round).
 * ``max-loras-per-batch``: a batch's adapters plus the running, loading and reserved ones
   fit in ``max_loras_per_batch`` slots (a reservation is the drainer's policy).
@@ -51,6 +54,7 @@ POLICY_CHECKS: tuple[str, ...] = (
     "prefill-budget",
     "retraction-victim",
     "drain-tolerance",
+    "drain-threshold",
     "no-thrash",
     "max-loras-per-batch",
 )
@@ -162,6 +166,17 @@ class Policy:
             if self._blocked(r):
                 self._bad("drain-tolerance", f"admitted {rid} although its adapter {r.adapter!r} drains", rid)
         self._passed_over(fresh, {m.s.reqs[s].adapter for s in staged})
+
+    def on_drain_marked(self, ev: E.DrainMarked) -> None:
+        m = self.m
+        waits = [
+            m.s.now - r.queued_at for r in m.s.reqs.values() if r.adapter == ev.for_adapter and r.state == "waiting"
+        ]
+        limit = float(m.cfg.lora_drain_wait_threshold)
+        if not any(w > limit for w in waits):
+            longest = max(waits, default=0.0)
+            why = f"its longest wait is {longest:g} s, not over the threshold {limit:g} s"
+            self._bad("drain-threshold", f"{ev.adapter!r} drains for {ev.for_adapter!r}, which does not starve: {why}")
 
     def _blocked(self, r: Req) -> bool:
         """Does the drainer keep ``r`` out (its adapter drains, and the policy's rule says no)?"""

@@ -45,6 +45,7 @@ class Req:
     drain_retracts: int = 0
     prompt_len: int = 0
     seq: int = 0  # arrival order (the order of `Queued` events)
+    queued_at: float = 0.0  # the clock when it last entered the queue (`Queued` or `Retracted`)
     end_no: int = 0  # 1, 2, ... in the order requests ended; 0 while live
 
     @property
@@ -239,6 +240,7 @@ class ReferenceModel:
         seq = len(self.s.used)
         self.s.reqs[ev.rid] = Req(ev.adapter, ev.session_id, hist + ev.prompt_len, ev.max_new_tokens)
         self.s.reqs[ev.rid].prompt_len, self.s.reqs[ev.rid].seq = ev.prompt_len, seq
+        self.s.reqs[ev.rid].queued_at = self.s.now
         self.s.used.add(ev.rid)
 
     def _on_PrefixHit(self, ev: E.PrefixHit) -> None:
@@ -329,6 +331,7 @@ class ReferenceModel:
             raise ModelError(f"unknown retraction reason {ev.reason!r}")
         self.policy.on_retracted(ev, r)
         self._end(ev.rid, "waiting")
+        r.queued_at = self.s.now
 
     def _on_Finished(self, ev: E.Finished) -> None:
         r = self._req(ev.rid, *LIVE)
@@ -434,6 +437,7 @@ class ReferenceModel:
             raise ModelError(f"drain for {ev.for_adapter!r}, which does not starve (or has a slot reserved)")
         if self.cfg.lora_drain_policy == "preempt" and (self.s.marks or self.s.reserved):
             raise ModelError("a second drain while one is in progress (preempt policy: one at a time)")
+        self.policy.on_drain_marked(ev)
         self.s.marks[ev.adapter] = ev.for_adapter
 
     def _on_DrainCleared(self, ev: E.DrainCleared) -> None:

@@ -232,6 +232,24 @@ CASES: dict[str, list[Case]] = {
             "admitted r3 although its adapter 'a' drains",
         ),
     ],
+    "drain-threshold": [
+        (  # rc (c) has waited 0.6 s, rd (d) has just arrived: only c starves at a 0.5 s threshold
+            {"lora_drain_wait_threshold": 0.5},
+            [
+                *reg("a", "b", "c", "d"),
+                *load("a", 0),
+                *load("b", 1),
+                E.Queued("r1", "a", 2, 5),
+                E.Queued("rc", "c", 2, 4),
+                *prefill(("r1", "a", 2, True)),
+                E.ClockAdvanced(0.6),
+                E.Queued("rd", "d", 2, 4),
+            ],
+            [E.DrainMarked("a", "d")],
+            [E.DrainMarked("a", "c")],
+            "its longest wait is 0 s, not over the threshold 0.5 s",
+        ),
+    ],
     "max-loras-per-batch": [
         (
             {"lora_drain_wait_threshold": 0.5},
