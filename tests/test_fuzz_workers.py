@@ -73,3 +73,20 @@ def test_workers_clean_run_merges_every_shard(tmp_path: Path, monkeypatch: pytes
     }
     assert rep["coverage"]["events"]["Queued"] > 0
     assert not (tmp_path / "traces").exists() or not list((tmp_path / "traces").iterdir())
+
+
+@pytest.mark.slow
+def test_fuzz_scaling_bench_quick(tmp_path: Path) -> None:
+    """bench/fuzz_scaling.py --quick runs and reports sane numbers (not asserted beyond sanity:
+    this is a shared machine)."""
+    import importlib
+
+    module = importlib.import_module("lorainv_bench.fuzz_scaling")
+    argv = ["--quick", "--out", str(tmp_path), "--workers", "1", "--ray", "off", "--seconds", "3"]
+    assert module.main([*argv, "--faults", "stale_overlap_event", "--limit", "30"]) == 0
+    doc = json.loads((tmp_path / "fuzz_scaling.json").read_text())
+    assert doc["benchmark"] == "fuzz_scaling" and doc["quick"] is True and doc["cores"] >= 1
+    [run] = doc["throughput"]
+    assert run["workers"] == 1 and run["ops"] > 0 and run["speedup_ops_per_s"] == 1.0
+    [hunt] = doc["time_to_failure"]
+    assert hunt["found"] and hunt["ttf_s"] > 0 and hunt["violation"]

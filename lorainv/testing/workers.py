@@ -39,8 +39,12 @@ OnProgress = Callable[[Progress], None]
 
 def _private_trace_dir() -> None:
     """Point this worker's ``LORAINV_TRACE_DIR`` at a fresh scratch directory (mutates the
-    process environment): the driver decides which traces to keep."""
+    process environment): the driver decides which traces to keep. The machine's own "trace
+    saved" lines (meant for pytest users) go to /dev/null: the driver prints the kept ones."""
+    import sys
+
     os.environ["LORAINV_TRACE_DIR"] = tempfile.mkdtemp(prefix="lorainv-worker-traces-")
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the worker process
 
 
 def _shard_in_scope(spec: ShardSpec, hooks: Any) -> ShardReport:
