@@ -90,3 +90,28 @@ def test_fuzz_scaling_bench_quick(tmp_path: Path) -> None:
     assert run["workers"] == 1 and run["ops"] > 0 and run["speedup_ops_per_s"] == 1.0
     [hunt] = doc["time_to_failure"]
     assert hunt["found"] and hunt["ttf_s"] > 0 and hunt["violation"]
+
+
+CAP_CHECKER = """
+from lorainv.checkers import register
+from lorainv.errors import Violation
+
+
+@register("hdcap_kv_cap")
+class KvCap:
+    def check(self, snap):
+        full = [r for r in snap.requests if r.kv_len >= 9]
+        return [Violation("hdcap", "U1", f"{r.rid} holds {r.kv_len} tokens", (r.rid,)) for r in full]
+"""
+
+
+def test_user_checkers_are_in_force_in_every_worker_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--checkers MODULE`` reaches the worker processes (the driver itself checks nothing):
+    a user checker that flags any request holding 9 tokens of KV is what the workers report."""
+    (tmp_path / "hdcap_ext.py").write_text(CAP_CHECKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LORAINV_TRACE_DIR", str(tmp_path / "traces"))
+    args = ["--checkers", "hdcap_ext", "--max-examples", "60", "--stop-on-first", "--no-shrink", "--db", "none"]
+    rc, rep = run_fuzz(["--workers", "2"], tmp_path, "cap", *args)
+    assert rc == 1 and rep["backend"] == "processes"
+    assert {(f["pool"], f["invariant"]) for f in rep["failures"]} == {("hdcap", "U1")}, rep["failures"]
