@@ -106,7 +106,7 @@ class FailureReport:
     phase: str  # "replay" (from the example database) or "generate"
     examples_before: int  # examples that passed in this shard before the failing one (0: the first failed)
     seconds: float  # since the shard started
-    shrunk: bool
+    shrunk: bool  # shrinking was on for it (a replayed example was shrunk when it was saved)
     first: bool  # the first failure of the whole campaign (the one that was shrunk)
     trace_ops: int
     trace_file: str
@@ -125,7 +125,7 @@ class ShardReport:
     shard: int
     examples: int = 0
     ops: int = 0
-    replayed: int = 0  # examples replayed from the database (passing or not)
+    replayed: int = 0  # saved examples replayed from the database (passing, and the failing one)
     states: set[Any] = field(default_factory=set)
     transitions: set[Any] = field(default_factory=set)
     counters: dict[str, Counter[Any]] = field(default_factory=dict)
@@ -271,8 +271,8 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
             {"shard": spec.index, "mode": mode, "phase": phase, "examples": res.examples, "ops": res.ops}
             | {"seconds": res.seconds}
         )
-        if phase == "replay":
-            rep.replayed += res.examples + (1 if res.found else 0)
+        if phase == "replay":  # replay stops at the first saved example that still fails
+            rep.replayed += (res.passed_before_failure or 0) + 1 if res.found else res.examples
         if res.found and res.trace is not None:
             trace = res.trace
             first = hooks.claim_failure()
