@@ -120,6 +120,16 @@ class SlotContentSnap:
 
 
 @dataclass(frozen=True)
+class SegmentsSnap:
+    """The LoRA segment metadata of one batch, as plain ints: segment ``s`` covers tokens
+    ``seg_indptr[s] : seg_indptr[s + 1]`` and reads slot ``weight_indices[s]``."""
+
+    seg_lens: tuple[int, ...]
+    seg_indptr: tuple[int, ...]
+    weight_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class LoraSnap:
     """The LoRA slot pool (checkers L1-L8): which adapter (uid) holds which slot, pins, loads in
     flight, and what the last step's batch read and evicted."""
@@ -136,6 +146,8 @@ class LoraSnap:
     last_batch_slots: tuple[int, ...]  # slot each of them read
     evictions: tuple[tuple[Any, int, frozenset[Any]], ...]  # (victim, slot, protected set) in the last step
     contents: tuple[SlotContentSnap, ...] = ()  # every readable slot of every TP rank (L6)
+    last_batch_lens: tuple[int, ...] = ()  # new tokens of each request of the last batch
+    segments: SegmentsSnap | None = None  # the segment metadata the last batch's LoRA kernels read (L9)
 
     @property
     def hygiene(self) -> tuple[tuple[Any, str], ...]:

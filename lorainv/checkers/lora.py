@@ -1,10 +1,14 @@
-"""LoRA slot pool: L1 maps, L2 admission bound, L3 batch readiness, L4 pins, L5 victims, L6 hygiene."""
+"""LoRA slot pool: L1 maps, L2 admission bound, L3 batch readiness, L4 pins, L5 victims, L6 hygiene,
+L9 the last batch's segment metadata."""
 
 from __future__ import annotations
 
+from itertools import groupby
+from typing import Any
+
 from lorainv.checkers.base import register, shown
 from lorainv.errors import Violation
-from lorainv.snapshot import EMPTY_NAME, Snapshot
+from lorainv.snapshot import EMPTY_NAME, SegmentsSnap, Snapshot
 
 
 @register("lora")
@@ -54,6 +58,7 @@ class LoraChecker:
                 out.append(
                     Violation("lora", "L3", f"batch read slot {slot} for {uid!r}, which maps to {u2s.get(uid)}", (uid,))
                 )
+        out += _segments(lo.last_batch_slots, lo.last_batch_lens, lo.segments)
         # L4: pins resident, at most P-1
         for name in sorted(lo.pinned):
             if name not in u2s:
@@ -84,6 +89,15 @@ class LoraChecker:
                         (c.uid, c.slot),
                     )
                 )
+        # L6: with tensor parallelism every rank keeps its own copy of each readable slot
+        tp = range(snap.pinned.tp_size)
+        seen: dict[tuple[Any, int], set[int]] = {}
+        for c in lo.contents:
+            seen.setdefault((c.uid, c.slot), set()).add(c.tp_rank)
+        for (uid, slot), on in seen.items():
+            if on != set(tp):
+                where = f"slot {slot} of {uid!r} is held on tp ranks {sorted(on)}, not on each of {list(tp)}"
+                out.append(Violation("lora", "L6", where, (uid, slot)))
         ranks = dict(lo.registered)
         for uid, slot in u2s.items():
             want_rank = 0 if uid is None else ranks.get(uid)
@@ -94,3 +108,24 @@ class LoraChecker:
                     Violation("lora", "L6", f"slot {slot} rank {lo.ranks[slot]} != {uid!r} rank {want_rank}", (slot,))
                 )
         return out
+
+
+def _segments(slots: tuple[int, ...], lens: tuple[int, ...], seg: SegmentsSnap | None) -> list[Violation]:
+    """L9: the segments the kernels read are the runs of consecutive requests that read one
+    slot: one segment per run, its slot, its token count, and offsets that start at 0 and add
+    up those counts."""
+    if seg is None or len(lens) != len(slots):
+        return []
+    runs = [(slot, sum(n for _, n in grp)) for slot, grp in groupby(zip(slots, lens), key=lambda p: p[0])]
+    want_slots = tuple(slot for slot, _ in runs)
+    want_lens = tuple(n for _, n in runs)
+    offsets = [0]
+    for n in want_lens:
+        offsets.append(offsets[-1] + n)
+    have = (seg.weight_indices, seg.seg_lens, seg.seg_indptr)
+    want = (want_slots, want_lens, tuple(offsets))
+    if have == want:
+        return []
+    names = ("weight_indices", "seg_lens", "seg_indptr")
+    diff = "; ".join(f"{k} {h} != {w}" for k, h, w in zip(names, have, want) if h != w)
+    return [Violation("lora", "L9", f"batch segments over slots {slots}: {diff}", (len(runs),))]

@@ -49,7 +49,7 @@ from lorainv.events import (
 )
 from lorainv.impl import faults
 from lorainv.impl.adapters import LoraAdapter, load_peft_adapter, parse_gen_source
-from lorainv.impl.batch import ForwardBatch, build_lora_batch_info
+from lorainv.impl.batch import ForwardBatch, LoraBatchInfo, build_lora_batch_info
 from lorainv.impl.clock import Clock, SimClock
 from lorainv.impl.device import make_device
 from lorainv.impl.drainer import Drainer
@@ -161,6 +161,8 @@ class Engine:
         self._ended: deque[str] = deque()  # retained ended requests, oldest first
         self.last_batch: tuple[Any, ...] = ()
         self.last_batch_slots: tuple[int, ...] = ()
+        self.last_batch_lens: tuple[int, ...] = ()  # new tokens per request of the last batch
+        self.last_batch_info: LoraBatchInfo | None = None  # its segment metadata
         self.steps = 0
         self._seq = 0
         self.history: deque[tuple[int, list[Event]]] = deque(maxlen=cfg.history_steps)
@@ -330,6 +332,7 @@ class Engine:
             raise RequestError(f"unsupported op {op.kind}")
         self.last_checked_snapshot = None
         self.last_batch, self.last_batch_slots = (), ()
+        self.last_batch_lens, self.last_batch_info = (), None
         self.scheduler.evictions.clear()
         events: list[Event] = handler(op)
         self._settle(events)
@@ -475,6 +478,7 @@ class Engine:
         )
         adapters = tuple(r.adapter for r in reqs)
         self.last_batch, self.last_batch_slots = adapters, tuple(slots)
+        self.last_batch_lens, self.last_batch_info = tuple(lens), info
         self.pool.touch(set(adapters))
         with torch.inference_mode():
             logits = self.network.forward(fb, self.kv, self.rows.req_to_token, self.pool.buffers, self.backend)

@@ -25,6 +25,7 @@ from lorainv.snapshot import (
     PinnedSnap,
     PrefixNodeSnap,
     ReqSnap,
+    SegmentsSnap,
     SessionSnap,
     SlotContentSnap,
     Snapshot,
@@ -53,8 +54,19 @@ def _lora(engine: Any, idle: bool) -> LoraSnap:
         registered=tuple(sorted((n, a.rank) for n, a in engine.registry.items())),
         last_batch=engine.last_batch,
         last_batch_slots=engine.last_batch_slots,
+        last_batch_lens=engine.last_batch_lens,
+        segments=_segments(engine.last_batch_info),
         evictions=tuple(engine.scheduler.evictions),
         contents=_contents(engine, {t.uid for t in tracked}, cached=not idle),
+    )
+
+
+def _segments(info: Any) -> SegmentsSnap | None:
+    """The last batch's segment metadata as plain ints (a host copy of three small tensors)."""
+    if info is None:
+        return None
+    return SegmentsSnap(
+        tuple(info.seg_lens.tolist()), tuple(info.seg_indptr.tolist()), tuple(info.weight_indices.tolist())
     )
 
 

@@ -22,6 +22,8 @@ pool ``"policy"``; the invariant is the check's name:
 * ``retraction-victim``: under KV pressure the decoding request with the fewest outputs,
   then the longest prompt, then the latest arrival is retracted; the staged chunk only when
   one decoder is left; an abort instead only of the last decoder with nothing staged.
+* ``retraction-pressure``: a request is retracted for KV only when the decoders' next
+  tokens need more pages than are free (the prefix cache may free more, never less).
 * ``drain-tolerance``: a draining adapter admits nothing under ``preempt``; under
   ``admission`` only requests with ``max_new_tokens <= lora_drain_tolerance`` x the longest
   remaining work of its running requests.
@@ -53,6 +55,7 @@ POLICY_CHECKS: tuple[str, ...] = (
     "max-running",
     "prefill-budget",
     "retraction-victim",
+    "retraction-pressure",
     "drain-tolerance",
     "drain-threshold",
     "no-thrash",
@@ -217,6 +220,12 @@ class Policy:
         if ev.reason != "kv":
             return
         decoders = {rid: x for rid, x in self.m.s.reqs.items() if x.state == "decoding"}
+        ps = self.m.ps
+        need = ps * sum(1 for x in decoders.values() if x.kv % ps == 0)  # decoders whose next token needs a page
+        free = self.m.expected_available()
+        if need <= free:
+            why = f"{need} tokens needed for the decoders' next pages, {free} free"
+            self._bad("retraction-pressure", f"retracted {ev.rid} with KV to spare ({why})", ev.rid)
         if r.state == "prefilling":
             if len(decoders) != 1:
                 self._bad("retraction-victim", f"retracted the staged {ev.rid} with {len(decoders)} decoders", ev.rid)

@@ -83,6 +83,7 @@ class ModelState:
     tick: int = 0  # logical time of slot use: a load or a batch
     used_at: dict[Any, int] = field(default_factory=dict)  # resident uid -> tick of its load or last batch
     loaded_at: dict[Any, int] = field(default_factory=dict)  # resident uid -> tick of its load
+    load_failures: dict[Any, int] = field(default_factory=dict)  # uid -> failed loads since its last landed one
 
 
 class ModelError(Exception):
@@ -115,6 +116,8 @@ class ReferenceModel:
         self._batch: set[str] = set()
         self._cleared: dict[Any, Any] = {}  # this op's cleared marks: starving adapter -> victim
         self._prev: E.Event | None = None
+        self._label = ""  # the op being observed
+        self._exhausted: set[Any] = set()  # adapters whose load retries ran out in this op
 
     # -- predictions --------------------------------------------------------------------------
     def pages(self, tokens: int) -> int:
@@ -168,6 +171,7 @@ class ReferenceModel:
     def _apply(self, label: str, events: list[E.Event]) -> list[Violation]:
         new: list[Violation] = []
         self._batch, self._cleared, self._prev = set(), {}, None
+        self._label, self._exhausted = label, set()
         for ev in events:
             handler = getattr(self, f"_on_{ev.kind}", None)
             if handler is None:
@@ -180,8 +184,43 @@ class ReferenceModel:
                 new.append(Violation("model", "refinement", f"{label}: {ev} not allowed: {e}", _ids(ev)))
                 break
             self._prev = ev
+        else:
+            new += self._exhausted_still_wait(label)
         self._retire()
         return new
+
+    def _exhausted_still_wait(self, label: str) -> list[Violation]:
+        """Past ``max_load_retries`` failed loads, every waiting request of the adapter ends in
+        that op (aborted)."""
+        left = [rid for rid, r in self.s.reqs.items() if r.state == "waiting" and r.adapter in self._exhausted]
+        if not left:
+            return []
+        why = f"load retries of {sorted(self._exhausted, key=repr)} are exhausted, yet {left} still wait"
+        return [Violation("model", "refinement", f"{label}: {why}", tuple(left))]
+
+    def _abort_justified(self, r: Req) -> str | None:
+        """Why the engine may end waiting ``r`` with ``reason="abort"`` unasked (no ``Abort``
+        op), or None. Reasons: it can never fit in the pool; its adapter's load retries were
+        exhausted in this op; or, in a ``Step`` with nothing running or loading (a stall), it
+        cannot be admitted: its tokens exceed the free plus cached KV, or no slot can be had
+        (none free, every occupant pinned, or the drainer's reservations fill the rest)."""
+        pages = self.pages(r.fill - r.out + r.max_new - 1)
+        if pages > self.cfg.max_total_tokens:
+            return "never fits"
+        if r.adapter in self._exhausted:
+            return "load retries exhausted"
+        if self._label != "Step" or self.s.loading or any(x.running for x in self.s.reqs.values()):
+            return None
+        if self.pages(r.fill) > self.expected_available() + self.s.cache_tokens:
+            return "stall: KV"
+        if self._ready(r.adapter):
+            return None
+        slots = self.cfg.max_loras_per_batch
+        free = len(self.s.slots) < slots
+        evictable = [u for u in self.resident() if u not in self.s.pinned and u not in self.s.reserved]
+        if len(self.s.reserved | {r.adapter}) > slots or not (free or evictable):
+            return "stall: slots"
+        return None
 
     def _retire(self) -> None:
         """Forget ended requests beyond ``max_finished_requests``: an ended request is kept
@@ -339,6 +378,12 @@ class ReferenceModel:
             raise ModelError(f"finished by length with {r.out} of {r.max_new} tokens")
         if ev.reason not in ("length", "abort"):
             raise ModelError(f"unknown finish reason {ev.reason!r}")
+        if ev.reason == "abort" and r.state == "waiting" and self._abort_justified(r) is None:
+            need, room = self.pages(r.fill), self.expected_available() + self.s.cache_tokens
+            raise ModelError(
+                f"aborted waiting {ev.rid} unasked, yet it fits ({need} tokens; {room} free or cached), "
+                f"no load of {r.adapter!r} ran out of retries, and a slot can be had"
+            )
         self.policy.on_finished(ev, r)
         self._end(ev.rid, "finished")
 
@@ -405,12 +450,17 @@ class ReferenceModel:
             raise ModelError(f"{ev.adapter!r} was not loading into slot {ev.slot}")
         self.policy.on_load_completed(ev)
         self.s.loading.discard(ev.adapter)
+        self.s.load_failures.pop(ev.adapter, None)
 
     def _on_LoadFailed(self, ev: E.LoadFailed) -> None:
         if self.s.slots.get(ev.slot, object()) != ev.adapter or ev.adapter not in self.s.loading:
             raise ModelError(f"{ev.adapter!r} was not loading into slot {ev.slot}")
         self.s.loading.discard(ev.adapter)
         self._unmap(ev.slot)
+        n = self.s.load_failures[ev.adapter] = self.s.load_failures.get(ev.adapter, 0) + 1
+        if n > self.cfg.max_load_retries:
+            self.s.load_failures[ev.adapter] = 0
+            self._exhausted.add(ev.adapter)
 
     def _unmap(self, slot: int) -> None:
         uid = self.s.slots.pop(slot)

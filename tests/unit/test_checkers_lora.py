@@ -47,7 +47,7 @@ from lorainv.ops import (
     Step,
     UnpinAdapter,
 )
-from lorainv.snapshot import EMPTY_NAME, LoadSnap, Snapshot
+from lorainv.snapshot import EMPTY_NAME, LoadSnap, SegmentsSnap, Snapshot
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +130,52 @@ def test_l2_running_staged_and_loading_within_p(s: Snapshot) -> None:
 
 
 def test_l2_batch_bound_names_the_adapters_in_a_stable_order(s: Snapshot) -> None:
-    out = LoraChecker().check(with_lora(s, last_batch=("p", "zz", "a", "c", "b", None), last_batch_slots=(0,)))
+    batch = with_lora(s, last_batch=("p", "zz", "a", "c", "b", None), last_batch_slots=(0,), segments=None)
+    out = LoraChecker().check(batch)
     assert brief(out) == [("lora", "L2", ("a", "b", "c", "p", "zz", None))]  # sorted by repr, as L2 above
     assert out[0].message == "a batch used more adapters than slots"
+
+
+# -- L9: segment metadata ------------------------------------------------------------------------
+def test_l9_busy_batch_has_one_segment_per_run(s: Snapshot) -> None:
+    lo = s.lora
+    n = lo.last_batch_lens[0]
+    assert lo.segments == SegmentsSnap((n,), (0, n), (1,))
+
+
+def test_l9_segments_are_the_runs_of_one_slot(s: Snapshot) -> None:
+    # requests on slots 1, 1, 2 with 3, 2 and 4 new tokens: two segments, of 5 and 4 tokens
+    mixed = with_lora(s, last_batch=("a", "a", "b"), last_batch_slots=(1, 1, 2), last_batch_lens=(3, 2, 4))
+    good = with_lora(mixed, segments=SegmentsSnap((5, 4), (0, 5, 9), (1, 2)))
+    assert LoraChecker().check(good) == []
+    per_request = with_lora(mixed, segments=SegmentsSnap((3, 2, 4), (0, 3, 5, 9), (1, 1, 2)))  # batch size
+    shifted = with_lora(mixed, segments=SegmentsSnap((5, 4), (-1, 4, 8), (1, 2)))
+    swapped = with_lora(mixed, segments=SegmentsSnap((5, 4), (0, 5, 9), (2, 1)))
+    for bad, field in ((per_request, "weight_indices"), (shifted, "seg_indptr"), (swapped, "weight_indices")):
+        out = LoraChecker().check(bad)
+        assert brief(out) == [("lora", "L9", (2,))], out
+        assert field in out[0].message
+
+
+def test_l9_is_found_on_a_live_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted off-by-one in the offsets the Triton kernels read (the torch backend does not
+    read them, so no token changes): strict level 2 stops the step that formed the batch."""
+    import lorainv.impl.engine as engine_mod
+
+    real = engine_mod.build_lora_batch_info
+
+    def shifted(*args: object, **kw: object) -> object:
+        info = real(*args, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(info, seg_indptr=info.seg_indptr - 1)
+
+    monkeypatch.setattr(engine_mod, "build_lora_batch_info", shifted)
+    d = Driver(dummy_config(strict_mem_check=2), check=False)
+    d.engine.apply(LoadAdapter("a", "gen:4:1"))
+    d.engine.apply(AddRequest("r1", (1, 2, 3), "a", 2))
+    with pytest.raises(InvariantViolation) as e:
+        for _ in range(4):
+            d.engine.apply(Step())
+    assert ("lora", "L9") in {(v.pool, v.invariant) for v in e.value.violations}
 
 
 # -- L3: readiness ------------------------------------------------------------------------------
@@ -148,7 +191,8 @@ def test_l3_running_adapter_not_resident_or_not_ready(s: Snapshot) -> None:
 
 
 def test_l3_batch_read_the_wrong_slot(s: Snapshot) -> None:
-    out = LoraChecker().check(with_lora(s, last_batch_slots=(2,)))
+    n = s.lora.last_batch_lens[0]
+    out = LoraChecker().check(with_lora(s, last_batch_slots=(2,), segments=SegmentsSnap((n,), (0, n), (2,))))
     assert brief(out) == [("lora", "L3", ("a",))]
     assert out[0].message == "batch read slot 2 for 'a', which maps to 1"
 
@@ -468,3 +512,15 @@ def test_drain_to_idle_reports_a_stall() -> None:
     with pytest.raises(InvariantViolation) as info:
         drain_to_idle(d.engine, 5, raise_on_stall=True)
     assert brief(info.value.violations) == [("requests", "liveness", ("ra",))]
+
+
+def test_l6_every_tp_rank_holds_each_readable_slot() -> None:
+    d = Driver(dummy_config(tp_size=2))
+    d.run([LoadAdapter("a", "gen:4:1"), AddRequest("r1", (1, 2, 3), "a", 2), CompleteTransfers(None), Step()])
+    snap = d.snap()
+    assert {c.tp_rank for c in snap.lora.contents} == {0, 1}
+    assert LoraChecker().check(snap) == []
+    one_rank = with_lora(snap, contents=tuple(c for c in snap.lora.contents if c.tp_rank == 0))
+    out = LoraChecker().check(one_rank)
+    assert {(v.pool, v.invariant) for v in out} == {("lora", "L6")}
+    assert any("tp ranks [0], not on each of [0, 1]" in v.message for v in out)

@@ -191,23 +191,34 @@ CASES: dict[str, list[Case]] = {
             "after an unfinished chunk",
         ),
     ],
+    # the pools are sized so that the decoders' next tokens do not fit: every retraction is under pressure
     "retraction-victim": [
-        ({}, DECODERS, [E.Retracted("r1", 1)], [E.Retracted("r2", 1)], "the rule picks r2"),
+        ({"max_total_tokens": 16}, DECODERS, [E.Retracted("r1", 1)], [E.Retracted("r2", 1)], "the rule picks r2"),
         (  # equal outputs and prompts: the latest arrival goes
-            {},
+            {"max_total_tokens": 9},
             [*DECODERS, E.Retracted("r2", 1)],
             [E.Retracted("r1", 1)],
             [E.Retracted("r3", 1)],
             "the rule picks r3",
         ),
-        ({}, DECODERS, [E.Finished("r1", "abort")], [E.Retracted("r2", 1)], "instead of retracting"),
         (
-            {},
+            {"max_total_tokens": 16},
+            DECODERS,
+            [E.Finished("r1", "abort")],
+            [E.Retracted("r2", 1)],
+            "instead of retracting",
+        ),
+        (
+            {"max_total_tokens": 24},
             [*DECODERS, E.Queued("r4", "a", 9, 2), *prefill(("r4", "a", 8, False))],
             [E.Retracted("r4", 0)],
             [E.Retracted("r2", 1)],
             "retracted the staged r4 with 3 decoders",
         ),
+    ],
+    "retraction-pressure": [
+        # r1, r2, r3 decode at page size 1: their next tokens need 3 tokens; 3 are free
+        ({"max_total_tokens": 17}, DECODERS, [E.Retracted("r2", 1)], [E.Idle()], "with KV to spare"),
     ],
     "drain-tolerance": [
         (

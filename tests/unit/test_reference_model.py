@@ -565,3 +565,42 @@ def test_model_starving_adapter_rule() -> None:
     assert not m._hungry("a"), "a waiting request of a running adapter does not starve it"
     assert m.observe_events([E.Aborted("rc", "waiting")]) == []
     assert not m._hungry("c"), "nothing of c waits any more"
+
+
+# -- engine-initiated aborts of waiting requests must have a reason --------------------------------
+def _step(m: ReferenceModel, events: list[E.Event]) -> list[str]:
+    from lorainv.ops import Step
+
+    return [v.message for v in m.observe(Step(), events) if v.pool == "model"]
+
+
+def test_an_unasked_abort_of_a_request_that_fits_is_refused() -> None:
+    m = ReferenceModel(CFG)
+    assert m.observe_events([*reg("a"), *load("a", 0), E.Queued("r1", "a", 4, 4)]) == []
+    # nothing runs, so this Step may end a stalled request, but r1 fits and its slot is ready
+    (msg,) = _step(m, [E.Finished("r1", "abort")])
+    assert "aborted waiting r1 unasked, yet it fits" in msg
+
+
+def test_an_abort_of_a_request_that_can_never_fit_is_allowed() -> None:
+    m = ReferenceModel(CFG.replace(max_total_tokens=8))
+    assert m.observe_events([*reg("a"), *load("a", 0), E.Queued("r1", "a", 6, 4)]) == []  # 6 + 4 - 1 > 8
+    assert _step(m, [E.Finished("r1", "abort")]) == []
+
+
+def test_load_retries_exhausted_abort_every_waiting_request_then_only() -> None:
+    cfg = CFG.replace(max_load_retries=1, enable_lora_overlap_loading=True)
+    fail = [E.LoadStarted("a", 0, False), E.LoadFailed("a", 0, "copy failed")]
+    m = ReferenceModel(cfg)
+    assert m.observe_events([*reg("a"), E.Queued("r1", "a", 4, 4), E.Queued("r2", "a", 4, 4)]) == []
+    # the first failure leaves one retry: ending r1 now is refused
+    (msg,) = _step(m, [*fail, E.Finished("r1", "abort")])
+    assert "no load of 'a' ran out of retries" in msg
+    m = ReferenceModel(cfg)
+    assert m.observe_events([*reg("a"), E.Queued("r1", "a", 4, 4), E.Queued("r2", "a", 4, 4), *fail]) == []
+    # the second failure exhausts the retries: both waiting requests must end in this op
+    (msg,) = _step(m, [*fail, E.Finished("r1", "abort")])
+    assert "exhausted, yet ['r2'] still wait" in msg
+    m = ReferenceModel(cfg)
+    assert m.observe_events([*reg("a"), E.Queued("r1", "a", 4, 4), E.Queued("r2", "a", 4, 4), *fail]) == []
+    assert _step(m, [*fail, E.Finished("r1", "abort"), E.Finished("r2", "abort")]) == []
