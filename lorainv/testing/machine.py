@@ -169,6 +169,13 @@ def config_strategy(network: str = "dummy", **fixed: Any) -> st.SearchStrategy[R
     return st.fixed_dictionaries(fields).map(lambda d: RuntimeConfig(**{**base, **d}))
 
 
+def _fresh(name: str | None) -> str | None:
+    """An equal but distinct ``str`` object, as a name decoded from a request or a trace file
+    is: a runtime that compares adapter names with ``is`` fails on it (names drawn from the
+    machine's constants would otherwise be one interned object throughout a run)."""
+    return None if name is None else "".join([name[:1], name[1:]])
+
+
 def token_strategy(vocab: int) -> st.SearchStrategy[int]:
     """A hot id (3 in 4) or any id below ``min(vocab, WIDE)``; shrinks to hot ids."""
     wide = max(HOT, min(vocab, WIDE))
@@ -384,7 +391,7 @@ class LorainvMachine(RuleBasedStateMachine):
             variant = self._turn_variant(sid, adapter)
         elif not variant:
             variant = "base" if adapter is None else "adapter"
-        events = self._apply(O.AddRequest(rid, prompt, adapter, max_new, sid), variant)
+        events = self._apply(O.AddRequest(rid, prompt, _fresh(adapter), max_new, sid), variant)
         if events and isinstance(events[0], E.Queued):
             self.used.append(rid)
             self.prompts.append((prompt, adapter))
