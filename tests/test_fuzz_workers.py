@@ -115,3 +115,22 @@ def test_user_checkers_are_in_force_in_every_worker_process(tmp_path: Path, monk
     rc, rep = run_fuzz(["--workers", "2"], tmp_path, "cap", *args)
     assert rc == 1 and rep["backend"] == "processes"
     assert {(f["pool"], f["invariant"]) for f in rep["failures"]} == {("hdcap", "U1")}, rep["failures"]
+
+
+def test_only_the_first_failure_is_shrunk_while_the_workers_keep_exploring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --stop-on-first both workers keep hunting after the first failure and find the
+    planted fault again and again; exactly one of all those failures was shrunk, the first."""
+    from lorainv.testing.fuzzrun import plan_shards
+    from lorainv.testing.workers import run_processes
+
+    monkeypatch.setenv("LORAINV_TRACE_DIR", str(tmp_path / "traces"))
+    specs = plan_shards(
+        workers=2, seed=0, modes=["fast"], faults=frozenset({FAULT}), strict=0, policy=None, max_examples=60,
+        deadline=None, shrink=True, stop_on_first=False, db="none", checkers=[],
+    )  # fmt: skip
+    reports, interrupted = run_processes(specs, lambda msg: None)
+    failures = [f for r in reports for f in r.failures]
+    assert not interrupted and {r.shard for r in reports if r.failures} == {0, 1} and len(failures) > 2
+    assert [(f.first, f.shrunk) for f in failures if f.first or f.shrunk] == [(True, True)]

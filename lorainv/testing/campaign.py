@@ -58,6 +58,7 @@ class CampaignResult:
     stats: dict[str, Any] = field(default_factory=dict)
     stopped: bool = False  # ended early because ``stop()`` returned True (no failure was lost)
     passed_before_failure: int | None = None  # examples that passed before the first failing one
+    shrunk: bool = False  # the failing trace was shrunk (False when shrinking was off or given up)
 
     @property
     def coverage(self) -> dict[str, Any]:
@@ -102,6 +103,7 @@ def run_campaign(
     reuse: bool = False,
     replay_only: bool = False,
     stop: Callable[[], bool] | None = None,
+    claim: Callable[[], bool] | None = None,
 ) -> CampaignResult:
     """Run ``max_examples`` examples of the machine; stop at the first (shrunk) failure.
 
@@ -114,9 +116,12 @@ def run_campaign(
     ``database``: Hypothesis's example database (failing examples are saved under ``name``);
     ``reuse``: replay the examples saved under ``name`` first; ``replay_only``: only that.
     ``stop``: asked after every passing example while no failure has been found; True ends
-    the run early (``stopped``), with the stats so far. A real Ctrl-C (KeyboardInterrupt)
-    propagates. Sets torch to one intra-op thread: a campaign's tensors are tiny, and parallel
-    campaigns run as separate processes.
+    the run early (``stopped``), with the stats so far. ``claim``: asked once, when the first
+    failure is found (during Hypothesis's shrink phase, else before the delta debugging), whether
+    this campaign may shrink it; False gives shrinking up and returns the failure as found
+    (``shrunk`` False; no trace file if Hypothesis's final replay did not happen).
+    A real Ctrl-C (KeyboardInterrupt) propagates. Sets torch to one intra-op thread: a
+    campaign's tensors are tiny, and parallel campaigns run as separate processes.
     """
     import torch
 
@@ -130,12 +135,19 @@ def run_campaign(
             for k, v in FAULT_SETUPS.get(f, {}).items():
                 cfg.setdefault(k, v)
     machine: type[LorainvMachine] = make_machine(name, network=network, numeric=numeric, policy=policy, **cfg)
-    if progress is not None or stop is not None:
+    claimed: list[bool] = []
+    if progress is not None or stop is not None or claim is not None:
 
         def after_example(stats: dict[str, Any]) -> None:
             if progress is not None:
                 progress(stats)
-            if stop is not None and machine.last_failure is None and stop():
+            if machine.last_failure is not None:  # a failure was found: Hypothesis is shrinking it
+                if claim is not None and not claimed:
+                    claimed.append(claim())
+                    if not claimed[0]:
+                        raise StopRequested
+                return
+            if stop is not None and stop():
                 raise StopRequested
 
         machine.progress = staticmethod(after_example)
@@ -172,12 +184,16 @@ def run_campaign(
     factory = hyp_seed(seed)(machine) if not derandomize else machine
     t0 = time.monotonic()
     error = ""
-    stopped = False
+    stopped = abandoned = False
     try:
         run_state_machine_as_test(factory, settings=s)
         found = False
     except StopRequested:
-        found, stopped = False, True
+        if machine.last_failure is not None:  # shrinking given up: ``claim`` said another has it
+            found, abandoned = True, True
+            error = "shrinking left to the campaign that found the first failure"
+        else:
+            found, stopped = False, True
     except unittest.SkipTest:  # Hypothesis ran nothing: a replay with no saved example
         found = False
     except (AssertionError, Flaky) as e:
@@ -185,8 +201,15 @@ def run_campaign(
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
     st = machine.stats
     trace, path = (machine.last_failure, machine.last_trace_path) if found else (None, None)
-    if trace is not None and shrink:
-        trace, path = _minimize_saved(trace, path)
+    if abandoned:
+        path = None  # the trace was never saved: that happens on Hypothesis's final replay
+    if trace is not None and shrink and not abandoned:
+        if claim is not None and not claimed:
+            claimed.append(claim())
+        if claimed and not claimed[0]:  # another campaign's failure is the one shrunk
+            abandoned = True
+        else:
+            trace, path = _minimize_saved(trace, path)
     return CampaignResult(
         found=found,
         trace=trace,
@@ -200,4 +223,5 @@ def run_campaign(
         stats=st,
         stopped=stopped,
         passed_before_failure=first_failure[0] if found and first_failure else None,
+        shrunk=found and shrink and not abandoned,
     )

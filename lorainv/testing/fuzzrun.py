@@ -106,7 +106,7 @@ class FailureReport:
     phase: str  # "replay" (from the example database) or "generate"
     examples_before: int  # examples that passed in this shard before the failing one (0: the first failed)
     seconds: float  # since the shard started
-    shrunk: bool  # shrinking was on for it (a replayed example was shrunk when it was saved)
+    shrunk: bool  # shrinking was on and not given up (Hypothesis does not shrink a replayed example again)
     first: bool  # the first failure of the whole campaign (the one that was shrunk)
     trace_ops: int
     trace_file: str
@@ -238,8 +238,16 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
             return hooks.should_stop()
         return False
 
+    claims: list[bool] = []  # this round's answer to "is it the campaign's first failure?"
+
+    def claim_once() -> bool:
+        if not claims:
+            claims.append(hooks.claim_failure())
+        return claims[0]
+
     def campaign(mode: str, rnd: int, chunk: int, shrink: bool, replay_only: bool) -> Any:
         live.clear()
+        claims.clear()
 
         def progress(stats: dict[str, Any]) -> None:
             live.update(stats=stats, mode=mode)
@@ -262,6 +270,7 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
             database=db,
             replay_only=replay_only,
             stop=None if replay_only else stop_now,
+            claim=claim_once if shrink else None,
         )
 
     def record(res: Any, mode: str, phase: str, shrink: bool) -> None:
@@ -275,8 +284,10 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
             rep.replayed += (res.passed_before_failure or 0) + 1 if res.found else res.examples
         if res.found and res.trace is not None:
             trace = res.trace
-            first = hooks.claim_failure()
+            first = claim_once()
             path = res.trace_path or ""
+            text = json.dumps(trace.to_dict(), indent=1) + "\n"
+            digest = hashlib.sha1(text.encode()).hexdigest()[:10]
             rep.failures.append(
                 FailureReport(
                     pool=str(trace.expect["pool"]),
@@ -288,12 +299,12 @@ def run_shard(spec: ShardSpec, hooks: ShardHooks) -> ShardReport:
                     phase=phase,
                     examples_before=examples_before + (res.passed_before_failure or 0),
                     seconds=time.monotonic() - t0,
-                    shrunk=shrink,
+                    shrunk=res.shrunk,
                     first=first,
                     trace_ops=len(trace.ops),
-                    trace_file=Path(path).name or f"{spec.machine_name(mode)}.json",
+                    trace_file=Path(path).name or f"{spec.machine_name(mode)}-{digest}.json",
                     trace_path=path,
-                    trace_json=json.dumps(trace.to_dict(), indent=1) + "\n",
+                    trace_json=text,
                 )
             )
 
