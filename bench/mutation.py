@@ -49,7 +49,10 @@ and not-reached mutants are printed as a Markdown table with an empty verdict co
 ``bench/RESULTS.md``; a human writes ``missing check: ...`` or ``equivalent: ...`` there, and
 ``--rescore bench/results/mutation.json --verdicts bench/RESULTS.md`` (verdicts may also be a
 JSON object ``{id: verdict}`` or ``id verdict`` lines) recomputes the score without re-running.
-An interrupted run continues with ``--resume`` (same sample and budgets).
+An interrupted run continues with ``--resume`` (same sample and budgets). After a check is
+added, ``--only ID,... --update OLD.json`` re-runs those mutants on the current code and
+merges them into the earlier results by id (the JSON's ``updated_from`` names the earlier
+commit, the re-run ids and how many results were kept).
 
 Run ``python -m bench.mutation [--sample 150 --seed 0 --jobs 2]``; writes
 ``bench/results/mutation.json``. ``--quick``: 4 mutants, 30 fast / 3 numeric examples. The
@@ -624,6 +627,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--rescore", type=Path, default=None, help="re-score an earlier mutation.json with --verdicts; runs nothing"
     )
+    p.add_argument(
+        "--update",
+        type=Path,
+        default=None,
+        help="with --only: merge the re-run mutants into this earlier mutation.json (by id; the rest kept)",
+    )
     p.add_argument("--run-unreached", action="store_true", help="run the not-reached mutants too, to check that claim")
     args = p.parse_args(argv)
     n = args.sample if args.sample is not None else (4 if args.quick else 150)
@@ -636,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n < 1 or args.jobs < 1 or min(s.fast_examples, s.numeric_examples) < 1:
         p.error("--sample, --jobs and the budgets must be >= 1")
     verdicts = load_verdicts(args.verdicts) if args.verdicts else {}
+    if args.update is not None and not args.only:
+        p.error("--update needs --only (the mutants to re-run)")
     if args.rescore is not None:
         return rescore(args.rescore, verdicts, args.out)
     src = args.src.resolve()
@@ -758,6 +769,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ]
                 r.hint = "behaviour changed: " + ", ".join(diff) if diff else "same op count as clean"
         results += ran
+        previous: dict[str, Any] | None = None
+        if args.update is not None:  # --only re-ran some mutants of an earlier run: merge by id
+            previous = json.loads(args.update.read_text(encoding="utf-8"))
+            merged = {r["id"]: MutantResult(**r) for r in previous["results"]}
+            merged.update({r.id: r for r in results})
+            results = list(merged.values())
         results.sort(key=lambda r: (r.path, r.line, r.id))
 
     elapsed = time.perf_counter() - t_start
@@ -790,6 +807,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "by_operator_family": dict(Counter(_family(pt.operator) for pt in points).most_common()),
         },
         "baseline": baseline,
+        "updated_from": None
+        if previous is None
+        else {
+            "git_head": previous["source"]["git_head"],
+            "rerun": [r.id for r in ran],
+            "kept": len(results) - len(ran),
+        },
         "unreached_refuted": falsified,
         "counts": sc,
         "verdicts": {r.id: verdicts[r.id] for r in results if r.id in verdicts},

@@ -171,3 +171,9 @@ def test_resume_reuses_finished_mutants(tmp_path: Path, monkeypatch: pytest.Monk
     doc = json.loads((out / "mutation.json").read_text())
     assert [(r["id"], r["status"], r["detail"]) for r in doc["results"]] == [(pt.id, "killed", "v")]
     assert not (out / mutation.PROGRESS).exists()  # a finished run leaves no progress file
+
+
+def test_update_needs_only() -> None:
+    with pytest.raises(SystemExit) as e:
+        mutation.main(["--update", "old.json"])
+    assert e.value.code == 2
