@@ -226,7 +226,7 @@ def _run(a: argparse.Namespace, out: TextIO) -> int:
         return 2
     from lorainv.errors import ConfigError
     from lorainv.model.policy import POLICY_CHECKS
-    from lorainv.testing.exampledb import database_from_spec, db_spec
+    from lorainv.testing.exampledb import database_from_spec, db_spec, is_shared
     from lorainv.testing.workers import ray_available
 
     off = {p.strip() for p in a.policy_off.split(",") if p.strip()}
@@ -247,7 +247,7 @@ def _run(a: argparse.Namespace, out: TextIO) -> int:
     except ConfigError as e:
         sys.stderr.write(f"lorainv fuzz: {e}\n")
         return 2
-    if a.ray and a.ray != "local" and not db.startswith(("redis://", "rediss://", "unix://", "none")):
+    if a.ray and a.ray != "local" and not is_shared(db) and db.strip().lower() != "none":
         sys.stderr.write(
             f"lorainv fuzz: note: example database {db!r} is a directory on each Ray node; "
             "share one with --db redis://HOST:PORT\n"
