@@ -30,6 +30,10 @@ pool ``"policy"``; the invariant is the check's name:
 * ``drain-threshold``: a drain starts only for an adapter one of whose waiting requests has
   waited longer than ``lora_drain_wait_threshold`` since it last entered the queue (arrival
   or retraction), on the clock of the ``AdvanceClock`` ops.
+* ``drain-victim``: the adapter that drains is the running, unmarked one with the least
+  demand (running plus waiting requests), under ``preempt`` a ripe one first (a quantum
+  since its oldest running request's admission, and a request a drain may retract), then
+  the least remaining work, then the base model, then the name.
 * ``no-thrash``: nothing loaded in an op is evicted in the same op (a load round).
 * ``max-loras-per-batch``: a batch's adapters plus the running, loading and reserved ones
   fit in ``max_loras_per_batch`` slots (a reservation is the drainer's policy).
@@ -58,6 +62,7 @@ POLICY_CHECKS: tuple[str, ...] = (
     "retraction-pressure",
     "drain-tolerance",
     "drain-threshold",
+    "drain-victim",
     "no-thrash",
     "max-loras-per-batch",
 )
@@ -172,6 +177,7 @@ class Policy:
 
     def on_drain_marked(self, ev: E.DrainMarked) -> None:
         m = self.m
+        self._judge_drain_victim(ev)
         waits = [
             m.s.now - r.queued_at for r in m.s.reqs.values() if r.adapter == ev.for_adapter and r.state == "waiting"
         ]
@@ -180,6 +186,40 @@ class Policy:
             longest = max(waits, default=0.0)
             why = f"its longest wait is {longest:g} s, not over the threshold {limit:g} s"
             self._bad("drain-threshold", f"{ev.adapter!r} drains for {ev.for_adapter!r}, which does not starve: {why}")
+
+    def _judge_drain_victim(self, ev: E.DrainMarked) -> None:
+        """The victim is the running, unmarked adapter with the least demand (its running plus
+        waiting requests), then (``preempt``) a ripe one first (running a quantum since its
+        oldest running request's admission, with a request a drain may retract), then the
+        least remaining work, then the base model, then the name."""
+        m = self.m
+        running: dict[Any, list[Req]] = {}
+        for r in m.s.reqs.values():
+            if r.running:
+                running.setdefault(r.adapter, []).append(r)
+        free = [a for a in running if a not in m.s.marks]
+        if ev.adapter not in free:
+            return  # refinement refuses a mark on an adapter that does not run
+        preempt = m.cfg.lora_drain_policy == "preempt"
+
+        def key(a: Any) -> tuple[Any, ...]:
+            rs = running[a]
+            remaining = max(r.max_new - r.out for r in rs)
+            name = (a is not None, a or "")
+            if not preempt:
+                return (remaining, name)
+            waiting = sum(1 for r in m.s.reqs.values() if r.adapter == a and r.state == "waiting")
+            since = min(r.admitted_at for r in rs)
+            retractable = any(
+                r.state == "decoding" and r.out > r.admit_out and r.drain_retracts < m.cfg.lora_drain_max_preemptions
+                for r in rs
+            )
+            ripe = m.s.now - since >= float(m.cfg.lora_drain_quantum) and retractable
+            return (len(rs) + waiting, not ripe, remaining, name)
+
+        want = min(free, key=key)
+        if key(want) != key(ev.adapter):
+            self._bad("drain-victim", f"{ev.adapter!r} drains for {ev.for_adapter!r}; the rule picks {want!r}")
 
     def _blocked(self, r: Req) -> bool:
         """Does the drainer keep ``r`` out (its adapter drains, and the policy's rule says no)?"""

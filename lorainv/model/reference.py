@@ -46,6 +46,7 @@ class Req:
     prompt_len: int = 0
     seq: int = 0  # arrival order (the order of `Queued` events)
     queued_at: float = 0.0  # the clock when it last entered the queue (`Queued` or `Retracted`)
+    admitted_at: float = 0.0  # the clock when it was last admitted (its first chunk scheduled)
     end_no: int = 0  # 1, 2, ... in the order requests ended; 0 while live
 
     @property
@@ -327,7 +328,7 @@ class ReferenceModel:
             raise ModelError(f"chunk of {ev.chunk_tokens} outside a batch or over chunked_prefill_size")
         self.policy.on_scheduled(ev, r)
         if r.state == "waiting":
-            r.admit_out = r.out
+            r.admit_out, r.admitted_at = r.out, self.s.now
             if r.session is not None:
                 if r.session not in self.s.sessions:
                     raise ModelError(f"session {r.session} is not open")

@@ -261,6 +261,25 @@ CASES: dict[str, list[Case]] = {
             "its longest wait is 0 s, not over the threshold 0.5 s",
         ),
     ],
+    "drain-victim": [
+        (  # a runs r1, b runs rb1 and rb2: b's demand is higher, so a drains for starving c
+            {"lora_drain_wait_threshold": 0.5, "max_loras_per_batch": 2},
+            [
+                *reg("a", "b", "c"),
+                *load("a", 0),
+                *load("b", 1),
+                E.Queued("r1", "a", 2, 5),
+                E.Queued("rb1", "b", 2, 5),
+                E.Queued("rb2", "b", 2, 5),
+                E.Queued("rc", "c", 2, 4),
+                *prefill(("r1", "a", 2, True), ("rb1", "b", 2, True), ("rb2", "b", 2, True)),
+                E.ClockAdvanced(1.0),
+            ],
+            [E.DrainMarked("b", "c")],
+            [E.DrainMarked("a", "c")],
+            "'b' drains for 'c'; the rule picks 'a'",
+        ),
+    ],
     "max-loras-per-batch": [
         (
             {"lora_drain_wait_threshold": 0.5},
