@@ -87,3 +87,12 @@ def test_readme_fixture_and_machine_examples_run(tmp_path: Path, monkeypatch: py
     case.settings = settings(case.settings, max_examples=5)
     case().runTest()
     assert machine.stats["ops_by_variant"][("AddRequest", "AddRequest", "accepted")] > 0  # the burst rule ran
+
+
+def test_readme_policy_table_has_a_row_per_policy_check() -> None:
+    from lorainv.model.policy import POLICY_CHECKS
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| check | lorainv's rule |") :].split("\n\n")[0]
+    rows = set(re.findall(r"^\| `([a-z-]+)` \|", table, re.MULTILINE))
+    assert rows == set(POLICY_CHECKS)
