@@ -31,8 +31,9 @@ pool ``"policy"``; the invariant is the check's name:
   waited longer than ``lora_drain_wait_threshold`` since it last entered the queue (arrival
   or retraction), on the clock of the ``AdvanceClock`` ops.
 * ``drain-victim``: the adapter that drains is the running, unmarked one with the least
-  demand (running plus waiting requests), under ``preempt`` a ripe one first (a quantum
-  since its oldest running request's admission, and a request a drain may retract), then
+  demand (running plus waiting requests), under ``preempt`` a ripe one first (a quantum,
+  ``lora_drain_quantum`` or else the wait threshold, since its oldest running request's
+  admission, and a request a drain may retract), then
   the least remaining work, then the base model, then the name.
 * ``no-thrash``: nothing loaded in an op is evicted in the same op (a load round).
 * ``max-loras-per-batch``: a batch's adapters plus the running, loading and reserved ones
@@ -214,7 +215,8 @@ class Policy:
                 r.state == "decoding" and r.out > r.admit_out and r.drain_retracts < m.cfg.lora_drain_max_preemptions
                 for r in rs
             )
-            ripe = m.s.now - since >= float(m.cfg.lora_drain_quantum) and retractable
+            quantum = float(m.cfg.lora_drain_quantum) or float(m.cfg.lora_drain_wait_threshold)  # 0: the threshold
+            ripe = m.s.now - since >= quantum and retractable
             return (len(rs) + waiting, not ripe, remaining, name)
 
         want = min(free, key=key)
