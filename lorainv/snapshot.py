@@ -221,6 +221,7 @@ class Snapshot:
     idle: bool  # no live request and no load in flight
     finished: tuple[str, ...] = field(default=())  # rids that reached a final state (ever)
     pinned: PinnedSnap = field(default_factory=PinnedSnap)
+    injected_failures: tuple[int, int] | None = None  # the device's (failed copies, failures still armed)
 
     @cached_property
     def _live(self) -> tuple[ReqSnap, ...]:

@@ -48,6 +48,17 @@ class RefinementChecker:
                     (snap.available - m.expected_available(),),
                 )
             )
+        if snap.injected_failures is not None and sum(snap.injected_failures) != m.s.failures_injected:
+            failed, armed = snap.injected_failures
+            out.append(
+                Violation(
+                    "refinement",
+                    "injected-failures",
+                    f"the device failed {failed} copies and holds {armed} more armed, but FailTransfers ops "
+                    f"asked for {m.s.failures_injected} in all",
+                    (failed, armed),
+                )
+            )
         resident = dict(snap.lora.uid_to_slot)
         if resident != m.resident():
             out.append(

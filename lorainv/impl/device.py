@@ -56,6 +56,7 @@ class Device(Protocol):
     def pin(self, t: torch.Tensor) -> torch.Tensor: ...
     def poll(self) -> None: ...
     def pending(self) -> int: ...
+    def injected_failures(self) -> tuple[int, int]: ...
 
 
 @dataclass(eq=False)
@@ -193,6 +194,11 @@ class SimDevice:
         for c in [c for c in self._pending if c.due is not None and c.due <= self.tick]:
             self._finish(c)
 
+    def injected_failures(self) -> tuple[int, int]:
+        """``(copies failed so far, failures still armed)``; every ``fail_next(n)`` adds n to
+        their sum (pure)."""
+        return self.failed, self._fail_next
+
     def pending(self) -> int:
         return len(self._pending)
 
@@ -237,6 +243,9 @@ class TorchCudaDevice:
 
     def poll(self) -> None:
         return None
+
+    def injected_failures(self) -> tuple[int, int]:
+        return (0, 0)  # fault injection is refused on a real device
 
     def pending(self) -> int:
         return 0

@@ -270,6 +270,7 @@ def take_snapshot(engine: Any) -> Snapshot:
             tuple(sorted(drainer.reserved, key=repr)),
         ),
         max_loras_per_batch=engine.cfg.max_loras_per_batch,
+        injected_failures=engine.device.injected_failures(),
         idle=idle,
         finished=tuple(finished),
         pinned=_pinned(engine),

@@ -85,6 +85,7 @@ class ModelState:
     used_at: dict[Any, int] = field(default_factory=dict)  # resident uid -> tick of its load or last batch
     loaded_at: dict[Any, int] = field(default_factory=dict)  # resident uid -> tick of its load
     load_failures: dict[Any, int] = field(default_factory=dict)  # uid -> failed loads since its last landed one
+    failures_injected: int = 0  # the sum of n over accepted FailTransfers(n) ops
 
 
 class ModelError(Exception):
@@ -152,6 +153,8 @@ class ReferenceModel:
         want = predict(self, op)
         self.policy.begin(op.kind)
         new = self._apply(op.kind, events)
+        if op.kind == "FailTransfers" and want.verdict == "accept" and not any(e.kind == "Rejected" for e in events):
+            self.s.failures_injected += op.n  # type: ignore[attr-defined]
         new += judge(op, want, events)
         new += self.policy.end()
         self.violations.extend(new)

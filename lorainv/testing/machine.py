@@ -143,7 +143,7 @@ RARE_STATES = (
 def config_strategy(network: str = "dummy", **fixed: Any) -> st.SearchStrategy[RuntimeConfig]:
     """Small configs that reach retraction, chunk boundaries and slot churn quickly."""
     fields: dict[str, st.SearchStrategy[Any]] = {
-        "page_size": st.sampled_from([1, 2]),
+        "page_size": st.sampled_from([1, 2, 3]),  # 3: not a power of two (index arithmetic by | would pass 1, 2, 4)
         "max_total_tokens": st.sampled_from([12, 16, 26, 32]),  # 26 at page size 2: an odd page count
         "chunked_prefill_size": st.integers(1, 8),
         "max_loras_per_batch": st.integers(1, 3),
@@ -158,6 +158,10 @@ def config_strategy(network: str = "dummy", **fixed: Any) -> st.SearchStrategy[R
         "max_load_retries": st.sampled_from([1, 0, 2]),
         "max_sessions": st.sampled_from([2, 1, 3]),
         "max_finished_requests": st.sampled_from([0, 0, 2, 5]),
+        # "sim": copies land only on CompleteTransfers (the machine times them); "sim-auto":
+        # they also land by themselves a few steps after issue, as on a real stream
+        "device": st.sampled_from(["sim", "sim", "sim-auto"]),
+        "transfer_latency_steps": st.sampled_from([2, 1, 3]),
     }
     if network == "dummy":
         fields["tp_size"] = st.sampled_from([1, 1, 1, 2])  # simulated ranks share one pinned host cache
@@ -166,7 +170,17 @@ def config_strategy(network: str = "dummy", **fixed: Any) -> st.SearchStrategy[R
     base = {"network": network, "max_lora_rank": MAX_LORA_RANK, "device": "sim"}
     if network == "tiny":
         base["dtype"] = "float64"
-    return st.fixed_dictionaries(fields).map(lambda d: RuntimeConfig(**{**base, **d}))
+    return st.fixed_dictionaries(fields).map(lambda d: _config({**base, **d}))
+
+
+def _config(values: dict[str, Any]) -> RuntimeConfig:
+    """The drawn values as a config: the pool rounded up to whole pages, and string values as
+    equal but distinct objects, as a config read from a trace has them."""
+    ps = values["page_size"]
+    if "max_total_tokens" in values:
+        values["max_total_tokens"] = -(-values["max_total_tokens"] // ps) * ps
+    fresh: dict[str, Any] = {k: _fresh(v) if isinstance(v, str) else v for k, v in values.items()}
+    return RuntimeConfig(**fresh)
 
 
 def _fresh(name: str | None) -> str | None:

@@ -41,6 +41,7 @@ from lorainv.ops import (
     AddRequest,
     AdvanceClock,
     CompleteTransfers,
+    FailTransfers,
     LoadAdapter,
     Op,
     PinAdapter,
@@ -524,3 +525,24 @@ def test_l6_every_tp_rank_holds_each_readable_slot() -> None:
     out = LoraChecker().check(one_rank)
     assert {(v.pool, v.invariant) for v in out} == {("lora", "L6")}
     assert any("tp ranks [0], not on each of [0, 1]" in v.message for v in out)
+
+
+def test_injected_failures_add_up_to_the_fail_transfers_ops() -> None:
+    d = Driver(dummy_config(enable_lora_overlap_loading=True))
+    d.run(
+        [
+            FailTransfers(2),
+            LoadAdapter("a", "gen:4:1"),
+            AddRequest("r1", (1, 2), "a", 2),
+            Step(),
+            CompleteTransfers(None),
+        ]
+    )
+    snap = d.snap()
+    failed, armed = snap.injected_failures or (0, 0)
+    assert failed + armed == 2 and failed >= 1  # the load's first copies failed
+    refine = RefinementChecker(d.model)
+    assert refine.check(snap) == []
+    off_by_one = dataclasses.replace(snap, injected_failures=(failed, armed - 1))
+    out = refine.check(off_by_one)
+    assert brief(out) == [("refinement", "injected-failures", (failed, armed - 1))]
