@@ -230,3 +230,21 @@ class Snapshot:
     def live(self) -> tuple[ReqSnap, ...]:
         """The requests in a live state (computed once per snapshot)."""
         return self._live
+
+
+def canonical(value: Any) -> Any:
+    """A hashable, comparable plain-value form of a snapshot (or any part of one): dataclasses
+    become (field, value) tuples, arrays tuples of ints, sets sorted tuples. Two snapshots are
+    equal as values exactly when their canonical forms are equal (numpy arrays make ``==`` on
+    the dataclasses ambiguous)."""
+    if isinstance(value, np.ndarray):
+        return ("array", tuple(value.reshape(-1).tolist()), value.shape)
+    if hasattr(value, "__dataclass_fields__"):
+        return (type(value).__name__, tuple((f, canonical(getattr(value, f))) for f in value.__dataclass_fields__))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted((canonical(v) for v in value), key=repr)))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((canonical(k), canonical(v)) for k, v in value.items()), key=repr)))
+    if isinstance(value, (tuple, list)):
+        return tuple(canonical(v) for v in value)
+    return value

@@ -275,3 +275,25 @@ def take_snapshot(engine: Any) -> Snapshot:
         finished=tuple(finished),
         pinned=_pinned(engine),
     )
+
+
+def fresh_snapshot(engine: Any) -> Snapshot:
+    """`take_snapshot` computed with every memo empty: the memo dicts of this module and of the
+    slot oracle are swapped for empty ones during the call and restored after, so nothing but
+    those module globals changes, and only for the call's duration. A memoized snapshot must
+    equal this one (`lorainv.snapshot.canonical` compares them)."""
+    import sys
+
+    from lorainv.checkers import slot_oracle
+
+    here = sys.modules[__name__]
+    names = [(here, n) for n in ("_CONTENT_MEMO", "_PINNED_MEMO", "_REQ_MEMO")]
+    names += [(slot_oracle, n) for n in ("_MEMO", "_SLOTS", "_BASE")]
+    saved = [getattr(mod, n) for mod, n in names]
+    try:
+        for mod, n in names:
+            setattr(mod, n, {})
+        return take_snapshot(engine)
+    finally:
+        for (mod, n), value in zip(names, saved):
+            setattr(mod, n, value)

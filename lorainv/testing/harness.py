@@ -186,6 +186,8 @@ class Harness:
                 Violation("requests", "liveness", f"not idle after {max_steps} steps with no new ops; stalled", stalled)
             ]
         out = run_checks(eng.snapshot(), self.checkers)
+        if not out:
+            out = memo_violations(eng)
         if not out and self.numeric:
             out = self.numeric_violations()
         return out
@@ -197,6 +199,19 @@ class Harness:
         if self.recorder is None:
             return []
         return check_numerics(self.records, self.recorder.forwards, NumericOracle.for_network(self.recorder))
+
+
+def memo_violations(engine: Any) -> list[Violation]:
+    """The snapshot as the checkers got it (through the snapshotter's memos) must equal one
+    taken with every memo empty; a stale memo would hide a change from every checker."""
+    from lorainv.impl.snapshotter import fresh_snapshot
+    from lorainv.snapshot import canonical
+
+    memo, fresh = engine.snapshot(), fresh_snapshot(engine)
+    if canonical(memo) == canonical(fresh):
+        return []
+    fields = [f for f in memo.__dataclass_fields__ if canonical(getattr(memo, f)) != canonical(getattr(fresh, f))]
+    return [Violation("snapshot", "memo", f"a memoized snapshot differs from a fresh one in {fields}", tuple(fields))]
 
 
 def is_refusal(exc: BaseException) -> bool:

@@ -141,3 +141,25 @@ def test_an_impure_snapshot_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(snapshotter, "take_snapshot", landing)
     with pytest.raises(AssertionError, match="events differ once snapshots are taken"):
         run_both(cfg, ops)
+
+
+def test_a_stale_snapshot_memo_is_a_violation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At teardown the memoized snapshot must equal one taken with every memo empty."""
+    from lorainv.impl import snapshotter
+    from lorainv.testing.harness import memo_violations
+
+    eng = Engine(RuntimeConfig(network="dummy", device="sim", max_total_tokens=32, page_size=2))
+    for op in (O.LoadAdapter("a", "gen:4:1"), O.AddRequest("r1", (1, 2, 3), "a", 2)):
+        eng.apply(op)
+    while not eng.is_idle():
+        eng.apply(O.CompleteTransfers(None))
+        eng.apply(O.Step())
+    assert memo_violations(eng) == []
+    # plant: the memo entry of the waiting r2 answers with a snapshot naming another adapter
+    eng.apply(O.AddRequest("r2", (4, 5), None, 1))
+    eng.snapshot()
+    r2 = eng.requests["r2"]
+    obj, key, snap = snapshotter._REQ_MEMO[id(r2)]
+    monkeypatch.setitem(snapshotter._REQ_MEMO, id(r2), (obj, key, dataclasses.replace(snap, adapter="a")))
+    (v,) = memo_violations(eng)
+    assert (v.pool, v.invariant) == ("snapshot", "memo") and "requests" in v.message
