@@ -485,6 +485,14 @@ class LorainvMachine(RuleBasedStateMachine):
             variant = "live" if req.state.live else "ended"
         self._apply(O.Abort(rid), variant)
 
+    @precondition(lambda self: self.h is not None and any(r.state.live for r in self.h.engine.requests.values()))
+    @rule(data=st.data())
+    def abort_live(self, data: st.DataObject) -> None:
+        """Cancel a request that is still waiting, prefilling or decoding (the bundle's rids
+        are mostly ended by the time they are drawn once loads land by themselves)."""
+        rids = sorted(r.rid for r in self._live())
+        self._apply(O.Abort(data.draw(st.sampled_from(rids), label="rid")), "live")
+
     @rule(n=st.integers(1, 3))
     def step(self, n: int) -> None:
         for _ in range(n):
