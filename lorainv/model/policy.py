@@ -27,7 +27,8 @@ pool ``"policy"``; the invariant is the check's name:
 * ``drain-tolerance``: a draining adapter admits nothing under ``preempt``; under
   ``admission`` only requests with ``max_new_tokens <= lora_drain_tolerance`` x the longest
   remaining work of its running requests.
-* ``drain-threshold``: a drain starts only for an adapter one of whose waiting requests has
+* ``drain-threshold``: a drain starts only when every slot is held by an active (running or
+  loading) or reserved adapter, and only for an adapter one of whose waiting requests has
   waited longer than ``lora_drain_wait_threshold`` since it last entered the queue (arrival
   or retraction), on the clock of the ``AdvanceClock`` ops.
 * ``drain-victim``: the adapter that drains is the running, unmarked one with the least
@@ -187,6 +188,10 @@ class Policy:
             longest = max(waits, default=0.0)
             why = f"its longest wait is {longest:g} s, not over the threshold {limit:g} s"
             self._bad("drain-threshold", f"{ev.adapter!r} drains for {ev.for_adapter!r}, which does not starve: {why}")
+        taken = m.active_adapters() | m.s.reserved
+        if len(taken) < m.cfg.max_loras_per_batch:
+            why = f"only {len(taken)} of {m.cfg.max_loras_per_batch} slots are held by active or reserved adapters"
+            self._bad("drain-threshold", f"{ev.adapter!r} drains for {ev.for_adapter!r} with a slot to spare: {why}")
 
     def _judge_drain_victim(self, ev: E.DrainMarked) -> None:
         """The victim is the running, unmarked adapter with the least demand (its running plus

@@ -331,6 +331,8 @@ class ReferenceModel:
             raise ModelError(f"chunk of {ev.chunk_tokens} outside a batch or over chunked_prefill_size")
         self.policy.on_scheduled(ev, r)
         if r.state == "waiting":
+            if self.pages(r.fill - r.out + r.max_new - 1) > self.cfg.max_total_tokens:
+                raise ModelError(f"admitted {ev.rid}, which can never fit in {self.cfg.max_total_tokens} tokens")
             r.admit_out, r.admitted_at = r.out, self.s.now
             if r.session is not None:
                 if r.session not in self.s.sessions:

@@ -424,7 +424,7 @@ class LorainvMachine(RuleBasedStateMachine):
         return "session-next" if slot.tokens else "session-first"
 
     def _load(self, name: str, source: str, pinned: bool, variant: str) -> None:
-        events = self._apply(O.LoadAdapter(name, source, pinned), variant)
+        events = self._apply(O.LoadAdapter(_fresh(name) or name, source, pinned), variant)
         if any(isinstance(e, E.AdapterRegistered) for e in events):
             self.sources[name] = source
 
@@ -537,7 +537,7 @@ class LorainvMachine(RuleBasedStateMachine):
                 variant = "session-held"
             else:
                 variant = "pinned" if name in pinned else "idle"
-            self._apply(O.UnloadAdapter(name), variant)
+            self._apply(O.UnloadAdapter(_fresh(name) or name), variant)
         elif what == "pin":
             self._apply(O.PinAdapter(name), "valid")
         else:

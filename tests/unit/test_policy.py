@@ -62,7 +62,7 @@ DECODERS = [
     *reg("a"),
     *load("a", 0),
     E.Queued("r1", "a", 4, 5),
-    E.Queued("r2", "a", 6, 5),
+    E.Queued("r2", "a", 6, 4),
     E.Queued("r3", "a", 4, 5),
     *prefill(("r1", "a", 4, True)),
     *prefill(("r2", "a", 6, True)),
@@ -244,21 +244,37 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     "drain-threshold": [
-        (  # rc (c) has waited 0.6 s, rd (d) has just arrived: only c starves at a 0.5 s threshold
+        (  # a and b run; rc (c) has waited 0.6 s, rd (d) has just arrived: only c starves at 0.5 s
             {"lora_drain_wait_threshold": 0.5},
             [
                 *reg("a", "b", "c", "d"),
                 *load("a", 0),
                 *load("b", 1),
                 E.Queued("r1", "a", 2, 5),
+                E.Queued("rb", "b", 2, 5),
                 E.Queued("rc", "c", 2, 4),
-                *prefill(("r1", "a", 2, True)),
+                *prefill(("r1", "a", 2, True), ("rb", "b", 2, True)),
                 E.ClockAdvanced(0.6),
                 E.Queued("rd", "d", 2, 4),
             ],
             [E.DrainMarked("a", "d")],
             [E.DrainMarked("a", "c")],
             "its longest wait is 0 s, not over the threshold 0.5 s",
+        ),
+        (  # only a runs; b is resident but idle, so its slot can go to c without a drain
+            {"lora_drain_wait_threshold": 0.5},
+            [
+                *reg("a", "b", "c"),
+                *load("a", 0),
+                *load("b", 1),
+                E.Queued("r1", "a", 2, 5),
+                E.Queued("rc", "c", 2, 4),
+                *prefill(("r1", "a", 2, True)),
+                E.ClockAdvanced(0.6),
+            ],
+            [E.DrainMarked("a", "c")],
+            [E.Idle()],
+            "with a slot to spare: only 1 of 2 slots are held",
         ),
     ],
     "drain-victim": [

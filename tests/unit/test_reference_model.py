@@ -604,3 +604,10 @@ def test_load_retries_exhausted_abort_every_waiting_request_then_only() -> None:
     m = ReferenceModel(cfg)
     assert m.observe_events([*reg("a"), E.Queued("r1", "a", 4, 4), E.Queued("r2", "a", 4, 4), *fail]) == []
     assert _step(m, [*fail, E.Finished("r1", "abort"), E.Finished("r2", "abort")]) == []
+
+
+def test_admitting_a_request_that_can_never_fit_is_refused() -> None:
+    m = ReferenceModel(CFG.replace(max_total_tokens=8))
+    assert m.observe_events([*reg("a"), *load("a", 0), E.Queued("r1", "a", 6, 4)]) == []  # 6 + 4 - 1 > 8
+    (msg,) = _step(m, [E.BatchFormed("prefill", ("r1",), ("a",), 1), E.Scheduled("r1", 6, True)])
+    assert "admitted r1, which can never fit in 8 tokens" in msg
