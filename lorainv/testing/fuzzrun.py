@@ -134,6 +134,19 @@ class ShardReport:
     seconds: float = 0.0
     stop_reason: str = ""  # budget | examples | stop | failure | interrupted
 
+    def absorb(self, r: ShardReport) -> None:
+        """Add ``r``'s counts, states, transitions, counters, rounds and failures to this
+        report (mutates this one; ``seconds`` and ``stop_reason`` are the caller's to combine)."""
+        self.examples += r.examples
+        self.ops += r.ops
+        self.replayed += r.replayed
+        self.states |= r.states
+        self.transitions |= r.transitions
+        for k, c in r.counters.items():
+            self.counters.setdefault(k, Counter()).update(c)
+        self.rounds.extend(r.rounds)
+        self.failures.extend(r.failures)
+
 
 class ShardHooks(Protocol):
     """How a shard reaches its driver. Every method may be called often; implementations keep
@@ -152,17 +165,13 @@ class ShardHooks(Protocol):
         ...
 
 
-class LocalHooks:
-    """Hooks for a shard running in the driver's own process (one worker)."""
+class Flags:
+    """The stop and first-failure flags of a campaign held in one object (mutated by
+    `request_stop` and `claim_failure`): the in-process hooks and the Ray coordinator."""
 
-    def __init__(self, on_progress: Callable[[Progress], None] | None = None) -> None:
-        self.on_progress = on_progress
+    def __init__(self) -> None:
         self.stop = False
         self.claimed = False
-
-    def progress(self, msg: Progress) -> None:
-        if self.on_progress is not None:
-            self.on_progress(msg)
 
     def should_stop(self) -> bool:
         return self.stop
@@ -176,6 +185,18 @@ class LocalHooks:
     def claim_failure(self) -> bool:
         first, self.claimed = not self.claimed, True
         return first
+
+
+class LocalHooks(Flags):
+    """Hooks for a shard running in the driver's own process (one worker)."""
+
+    def __init__(self, on_progress: Callable[[Progress], None] | None = None) -> None:
+        super().__init__()
+        self.on_progress = on_progress
+
+    def progress(self, msg: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(msg)
 
 
 def _merge_stats(rep: ShardReport, stats: dict[str, Any], examples: int, ops: int) -> None:
@@ -373,15 +394,7 @@ def combine(reports: list[ShardReport]) -> list[ShardReport]:
             by[r.shard] = r
             continue
         t = by[r.shard]
-        t.examples += r.examples
-        t.ops += r.ops
-        t.replayed += r.replayed
-        t.states |= r.states
-        t.transitions |= r.transitions
-        for k, c in r.counters.items():
-            t.counters.setdefault(k, Counter()).update(c)
-        t.rounds.extend(r.rounds)
-        t.failures.extend(r.failures)
+        t.absorb(r)
         t.seconds += r.seconds
         t.stop_reason = r.stop_reason or t.stop_reason
     return [by[k] for k in sorted(by)]
@@ -407,15 +420,7 @@ def merge(reports: list[ShardReport]) -> ShardReport:
     summed coverage counters, every round and failure."""
     total = ShardReport(shard=-1)
     for r in sorted(reports, key=lambda r: r.shard):
-        total.examples += r.examples
-        total.ops += r.ops
-        total.replayed += r.replayed
-        total.states |= r.states
-        total.transitions |= r.transitions
-        for k, c in r.counters.items():
-            total.counters.setdefault(k, Counter()).update(c)
-        total.rounds.extend(r.rounds)
-        total.failures.extend(r.failures)
+        total.absorb(r)
         total.seconds = max(total.seconds, r.seconds)
     reasons = {r.stop_reason for r in reports}
     total.stop_reason = next((x for x in ("interrupted", "failure", "stop", "budget", "examples") if x in reasons), "")

@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from lorainv.testing.fuzzrun import FailureReport, Progress, ShardReport, ShardSpec, combine, run_shard, waves
+from lorainv.testing.fuzzrun import FailureReport, Flags, Progress, ShardReport, ShardSpec, combine, run_shard, waves
 
 OnProgress = Callable[[Progress], None]
 
@@ -151,14 +151,13 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-class _Coordinator:
+class _Coordinator(Flags):
     """The Ray actor every shard reports to (made remote in `run_ray`). State: the progress
     messages not yet drained by the driver, the stop flag, the first-failure flag."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.msgs: list[Progress] = []
-        self.stop = False
-        self.claimed = False
 
     def progress(self, msg: Progress) -> None:
         self.msgs.append(msg)
@@ -166,19 +165,6 @@ class _Coordinator:
     def drain(self) -> list[Progress]:
         out, self.msgs = self.msgs, []
         return out
-
-    def should_stop(self) -> bool:
-        return self.stop
-
-    def request_stop(self) -> None:
-        self.stop = True
-
-    def failure_claimed(self) -> bool:
-        return self.claimed
-
-    def claim_failure(self) -> bool:
-        first, self.claimed = not self.claimed, True
-        return first
 
 
 class _RayHooks:
