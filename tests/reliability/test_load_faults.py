@@ -224,7 +224,8 @@ def test_pin_with_overlap_is_synchronous_and_cannot_fail() -> None:
 
 
 # -- the stateful machine's fail_transfer rule reaches LoadFailed -----------------------------
-_Base = make_machine("FailTransferCount", enable_lora_overlap_loading=True)
+# the manual device: copies stay pending until a CompleteTransfers, so the rule finds some to fail
+_Base = make_machine("FailTransferCount", enable_lora_overlap_loading=True, device="sim")
 
 
 class FailTransferCount(_Base):  # type: ignore[misc,valid-type]
