@@ -259,7 +259,7 @@ def _run(a: argparse.Namespace, out: TextIO) -> int:
     workers = a.workers if not (a.ray and a.workers == 1) else 2
     inline = workers == 1 and not a.ray
     stop_first = a.stop_on_first or inline
-    from lorainv.testing.fuzzrun import LocalHooks, merge, pick_failures, plan_shards, run_shard
+    from lorainv.testing.fuzzrun import LocalHooks, ShardReport, merge, pick_failures, plan_shards, run_shard
 
     specs = plan_shards(
         workers=workers,
@@ -297,7 +297,10 @@ def _run(a: argparse.Namespace, out: TextIO) -> int:
 
         reports, interrupted = run_processes(specs, display.update)
     else:
-        rep = run_shard(specs[0], LocalHooks(display.update))
+        try:
+            rep = run_shard(specs[0], LocalHooks(display.update))
+        except KeyboardInterrupt:  # before the shard's own loop began (still importing or setting up)
+            rep = ShardReport(shard=0, stop_reason="interrupted")
         reports, interrupted = [rep], rep.stop_reason == "interrupted"
     dt = time.monotonic() - t0
     if live:
