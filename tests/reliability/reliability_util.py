@@ -16,7 +16,9 @@ from lorainv.snapshot import Snapshot
 
 # Per-op diagnostics, reset at the start of *every* op (also a refused one) by `Engine._do`:
 # they describe the last op, not the pools, so they are left out of "state unchanged".
-DIAGNOSTIC_FIELDS = frozenset({"step", "now", "last_batch", "last_batch_slots", "last_batch_lens", "segments", "evictions"})
+DIAGNOSTIC_FIELDS = frozenset(
+    {"step", "now", "last_batch", "last_batch_slots", "last_batch_lens", "segments", "evictions"}
+)
 
 
 def plain(x: Any) -> Any:
