@@ -17,6 +17,7 @@ never unpickles. Every refusal is an `AdapterError` subclass naming the file, te
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import math
@@ -26,6 +27,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import safetensors.torch
@@ -58,13 +60,17 @@ Key = tuple[int, str]  # (layer, module)
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality; identity is the meaning
 class LoraAdapter:
-    """A validated adapter in the stacked host layout (see the module docstring)."""
+    """A validated adapter in the stacked host layout (see the module docstring).
+
+    Immutable as objects: the dataclass is frozen and each layer's group map is read-only, so
+    an adapter object always holds the same tensor objects (the snapshotter relies on this to
+    key its pinned-cache memo by adapter identity). The tensors' values are not frozen."""
 
     name: str
     rank: int
     scaling: float
     target_modules: frozenset[str]
-    weights: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], ...]
+    weights: tuple[Mapping[str, tuple[torch.Tensor, torch.Tensor]], ...]
 
     def nbytes(self) -> int:
         """Host bytes of all stacked A and B tensors."""
@@ -276,7 +282,7 @@ def _assemble(
                     b[off : off + out, :r_m] = tb.to(dtype) if ratio == 1.0 else (tb.double() * ratio).to(dtype)
                 off += out
             groups[g] = (a, b)
-        layers.append(groups)
+        layers.append(MappingProxyType(groups))
     targeted = frozenset(m for _, m in tensors)
     return LoraAdapter(name=name, rank=rank, scaling=s, target_modules=targeted, weights=tuple(layers))
 
@@ -416,8 +422,25 @@ def generate_adapter(
 
     Equal to ``load_peft_adapter`` of ``write_peft_adapter`` with the same arguments.
     """
-    spec = _gen_spec(dims, rank, alpha, target_modules, use_rslora)
-    return _assemble(name, dims, spec, _random_modules(dims, spec, seed), dtype)
+    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    try:
+        hash((dims, rank, seed, alpha, targets, use_rslora))
+    except TypeError:  # not a cache key; _gen_spec names what is wrong
+        spec = _gen_spec(dims, rank, alpha, targets, use_rslora)
+        return _assemble(name, dims, spec, _random_modules(dims, spec, seed), dtype)
+    spec, modules = _generated(dims, rank, seed, alpha, targets, use_rslora)
+    return _assemble(name, dims, spec, modules, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _generated(
+    dims: ModelDims, rank: int, seed: int, alpha: float | None, targets: tuple[str, ...] | str, use_rslora: bool
+) -> tuple[_Spec, dict[Key, tuple[torch.Tensor, torch.Tensor]]]:
+    """The parsed spec and the random (A, B) of a generated adapter, built once per argument
+    tuple (a fuzz run loads the same few sources hundreds of times). Read-only to callers:
+    `_assemble` copies every tensor into fresh stacked ones, so no two loads share a tensor."""
+    spec = _gen_spec(dims, rank, alpha, targets, use_rslora)
+    return spec, _random_modules(dims, spec, seed)
 
 
 def write_peft_adapter(

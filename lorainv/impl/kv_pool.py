@@ -91,6 +91,8 @@ class TokenAllocator:
     def free_indices(self) -> np.ndarray:
         """All free token indices, ascending (for snapshots)."""
         pages = np.flatnonzero(self._free)
+        if self.page_size == 1:
+            return pages
         return (pages[:, None] * self.page_size + np.arange(self.page_size)[None, :]).reshape(-1)
 
     def is_free(self, index: int) -> bool:

@@ -116,32 +116,29 @@ def _pinned(engine: Any) -> PinnedSnap:
     """The pinned host cache as plain values; ``current`` compares tensor identity only.
 
     The entries and ``need`` are derived from (the cache's entry objects, the registered
-    adapter objects, each adapter's tensor objects); they are reused while every one of those
-    is the same object (the memo holds them, so no id is reused). So is the cache's own byte
-    count (`PinnedHostCache.nbytes` reads nothing but its entries), asked again on any change."""
+    adapter objects); they are reused while every one of those is the same object (the memo
+    holds them, so no id is reused). An adapter object always holds the same tensor objects
+    (`LoraAdapter` is frozen, its layer maps read-only), so its identity stands for theirs. So
+    is the cache's own byte count (`PinnedHostCache.nbytes` reads nothing but its entries),
+    asked again on any change."""
     cache = engine.pool.host_cache
     items = tuple(cache.entries.items())
     adapters = tuple(engine.registry.items())
-    tensors = tuple(tuple(t for layer in a.weights for ab in layer.values() for t in ab) for _, a in adapters)
-    sig = (
-        tuple((k, id(v)) for k, v in items),
-        tuple((n, id(a)) for n, a in adapters),
-        tuple(tuple(map(id, ts)) for ts in tensors),
-    )
+    sig = (tuple((k, id(v)) for k, v in items), tuple((n, id(a)) for n, a in adapters))
     hit = _PINNED_MEMO.get(id(cache))
     if hit is not None and hit[0] is cache and hit[2] == sig:
         entries, need, nbytes = hit[3], hit[4], hit[5]
     else:
         nbytes = cache.nbytes()
         view = cache.view()
-        ids = {n: set(map(id, ts)) for (n, _), ts in zip(adapters, tensors)}
+        ids = {n: {id(t) for layer in a.weights for ab in layer.values() for t in ab} for n, a in adapters}
         entries = tuple(
             PinnedEntrySnap(key, adapter, nbytes, id(src) in ids.get(adapter, ())) for key, adapter, nbytes, src in view
         )
         need = tuple(sorted((n, a.nbytes()) for n, a in adapters))
         if hit is None and len(_PINNED_MEMO) >= 64:
             _PINNED_MEMO.pop(next(iter(_PINNED_MEMO)))
-        _PINNED_MEMO[id(cache)] = (cache, (items, adapters, tensors), sig, entries, need, nbytes)
+        _PINNED_MEMO[id(cache)] = (cache, (items, adapters), sig, entries, need, nbytes)
     return PinnedSnap(entries, nbytes, need, engine.cfg.tp_size)
 
 

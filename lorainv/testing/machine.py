@@ -211,6 +211,7 @@ class LorainvMachine(RuleBasedStateMachine):
     config_overrides: ClassVar[dict[str, Any]] = {}
     policy: ClassVar[frozenset[str] | None] = None  # policy checks to run (None: all of POLICY_CHECKS)
     trace_name: ClassVar[str] = "machine"
+    _config_strategy: ClassVar[st.SearchStrategy[RuntimeConfig] | None] = None
     last_failure: ClassVar[Trace | None] = None
     last_trace_path: ClassVar[str | None] = None
     stats: ClassVar[dict[str, Any]] = {}
@@ -366,7 +367,12 @@ class LorainvMachine(RuleBasedStateMachine):
     # -- setup ----------------------------------------------------------------------------
     @initialize(data=st.data())
     def setup(self, data: st.DataObject) -> None:
-        cfg = data.draw(config_strategy(self.network, **self.config_overrides), label="config")
+        cls = type(self)
+        strategy = cls.__dict__.get("_config_strategy")
+        if strategy is None:  # built once per machine class (its config fields are class constants)
+            strategy = config_strategy(self.network, **self.config_overrides)
+            cls._config_strategy = strategy
+        cfg = data.draw(strategy, label="config")
         self.h = Harness(cfg, numeric=self.numeric, policy=self.policy)
         self.vocab = self.h.engine.network.vocab_size
         self.tokens = token_strategy(self.vocab)

@@ -103,6 +103,21 @@ def test_generation_is_deterministic_and_seed_dependent():
     assert 0.05 < float(a.weights[0]["o"][1].std()) < 0.2  # B ~ 0.1
 
 
+def test_generated_adapters_share_no_tensor_and_hold_theirs_read_only():
+    """Generation is cached per source, yet two loads of one source get tensors of their own
+    (a stale pinned copy of the first must not pass for the second's), and an adapter's layer
+    maps refuse assignment (its identity stands for its tensors' in the snapshotter's memo)."""
+    a = generate_adapter("a", DIMS, rank=3, seed=1, dtype=F32)
+    b = generate_adapter("a", DIMS, rank=3, seed=1, dtype=F32)
+    ids_a = {id(t) for layer in a.weights for ab in layer.values() for t in ab}
+    ids_b = {id(t) for layer in b.weights for ab in layer.values() for t in ab}
+    assert not ids_a & ids_b
+    b.weights[0]["o"][0].add_(1.0)  # a write into one load's tensor leaves the other's alone
+    assert not torch.equal(a.weights[0]["o"][0], b.weights[0]["o"][0])
+    with pytest.raises(TypeError):
+        a.weights[0]["o"] = b.weights[0]["o"]  # type: ignore[index]
+
+
 @pytest.mark.parametrize(("rslora", "expected"), [(False, 16 / 4), (True, 16 / 2)])
 def test_scaling_alpha_over_r_vs_rslora(tmp_path, rslora, expected):
     p = write_peft_adapter(tmp_path, DIMS, rank=4, seed=0, alpha=16, use_rslora=rslora)
