@@ -18,6 +18,24 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
+def _import_local_modules() -> None:
+    """Every local module a test may load, loaded in every worker before any test runs: the
+    derandomized campaigns' examples then do not depend on which tests a worker ran first
+    (`lorainv.testing.campaign.import_all_lorainv` says why)."""
+    import importlib
+    import pkgutil
+
+    from lorainv.testing.campaign import import_all_lorainv
+
+    import_all_lorainv()
+    bench = importlib.import_module("lorainv_bench")
+    for info in pkgutil.iter_modules(bench.__path__, "lorainv_bench."):
+        importlib.import_module(info.name)
+
+
+_import_local_modules()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """lorainv's own suite runs under ``lorainv-dev`` unless a profile was asked for (the plugin
     itself never loads one by default; ``ci/gate`` passes ``--hypothesis-profile=lorainv-ci``)."""

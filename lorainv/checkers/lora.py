@@ -111,6 +111,21 @@ class LoraChecker:
 
 
 def _segments(slots: tuple[int, ...], lens: tuple[int, ...], seg: SegmentsSnap | None) -> list[Violation]:
+    """`_segments_of`, memoized: a pure function of plain values, asked again on every op while
+    the last batch stays the same (every op between two steps)."""
+    key = (slots, lens, seg)
+    hit = _SEGMENTS_MEMO.get(key)
+    if hit is None:
+        if len(_SEGMENTS_MEMO) >= 256:
+            _SEGMENTS_MEMO.pop(next(iter(_SEGMENTS_MEMO)))
+        hit = _SEGMENTS_MEMO[key] = tuple(_segments_of(slots, lens, seg))
+    return list(hit)
+
+
+_SEGMENTS_MEMO: dict[tuple[Any, ...], tuple[Violation, ...]] = {}
+
+
+def _segments_of(slots: tuple[int, ...], lens: tuple[int, ...], seg: SegmentsSnap | None) -> list[Violation]:
     """L9: the segments the kernels read are the runs of consecutive requests that read one
     slot: one segment per run, its slot, its token count, and offsets that start at 0 and add
     up those counts."""

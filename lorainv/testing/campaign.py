@@ -45,6 +45,30 @@ FAULT_SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
+def import_all_lorainv() -> None:
+    """Import every lorainv module (once per process; ``__main__`` modules excepted).
+
+    Hypothesis mixes constants from the source of every loaded local module into its draws, so
+    a derandomized campaign's examples depend on which modules the process happened to import
+    before it: in a test worker, on which tests ran there first. With all of lorainv loaded
+    first, they depend only on the code (and on any user module loaded: a test suite that
+    imports more local modules can load those up front too, as lorainv's own conftest does)."""
+    if _ALL_IMPORTED:
+        return
+    import importlib
+    import pkgutil
+
+    import lorainv
+
+    for info in pkgutil.walk_packages(lorainv.__path__, "lorainv."):
+        if not info.name.endswith(".__main__"):
+            importlib.import_module(info.name)
+    _ALL_IMPORTED.append(True)
+
+
+_ALL_IMPORTED: list[bool] = []
+
+
 class _Factory:
     """Calls ``machine()``. Hypothesis keys the example database (and a derandomized run's
     seed) by ``function_digest`` of the factory it is given. For a class made by `make_machine`
@@ -146,6 +170,8 @@ def run_campaign(
     if shrinker not in ("ddmin", "hypothesis"):
         raise ValueError(f"shrinker must be 'ddmin' or 'hypothesis', got {shrinker!r}")
     torch.set_num_threads(1)
+    if derandomize:
+        import_all_lorainv()
     cfg: dict[str, Any] = dict(overrides or {})
     if faults:
         cfg["faults"] = frozenset(faults)

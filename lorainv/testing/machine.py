@@ -57,6 +57,7 @@ from lorainv import events as E
 from lorainv import ops as O
 from lorainv.config import RuntimeConfig
 from lorainv.errors import Violation
+from lorainv.testing.draws import Draws, DrawSource, draws
 from lorainv.testing.harness import Harness
 from lorainv.trace import Trace, save, trace_dir
 
@@ -192,10 +193,32 @@ def _fresh(name: str | None) -> str | None:
 
 def token_strategy(vocab: int) -> st.SearchStrategy[int]:
     """A hot id (3 in 4) or any id below ``min(vocab, WIDE)``; shrinks to hot ids."""
-    wide = max(HOT, min(vocab, WIDE))
-    hot = min(HOT, vocab)
+    wide, hot = _token_range(vocab)
     # one draw per token: the low three quarters of the range fold onto the hot set
-    return st.integers(0, 4 * wide - 1).map(lambda v: v % hot if v < 3 * wide else v - 3 * wide)
+    return st.integers(0, 4 * wide - 1).map(lambda v: _fold(v, wide, hot))
+
+
+def prompt_strategy(vocab: int, lo: int, hi: int) -> st.SearchStrategy[tuple[int, ...]]:
+    """``lo..hi`` tokens of `token_strategy`: the same choices, folded after the list is drawn
+    (one map per prompt, not one per token). Built once per argument triple."""
+    key = (vocab, lo, hi)
+    strategy = _PROMPTS.get(key)
+    if strategy is None:
+        wide, hot = _token_range(vocab)
+        raw = st.lists(st.integers(0, 4 * wide - 1), min_size=lo, max_size=hi)
+        strategy = _PROMPTS[key] = raw.map(lambda vs: tuple(_fold(v, wide, hot) for v in vs))
+    return strategy
+
+
+_PROMPTS: dict[tuple[int, int, int], st.SearchStrategy[tuple[int, ...]]] = {}
+
+
+def _token_range(vocab: int) -> tuple[int, int]:
+    return max(HOT, min(vocab, WIDE)), min(HOT, vocab)
+
+
+def _fold(v: int, wide: int, hot: int) -> int:
+    return v % hot if v < 3 * wide else v - 3 * wide
 
 
 def _stats_counter(stats: dict[str, Any], key: str) -> Counter[Any]:
@@ -365,8 +388,8 @@ class LorainvMachine(RuleBasedStateMachine):
     _user_ops = 0
 
     # -- setup ----------------------------------------------------------------------------
-    @initialize(data=st.data())
-    def setup(self, data: st.DataObject) -> None:
+    @initialize(data=draws())
+    def setup(self, data: Draws) -> None:
         cls = type(self)
         strategy = cls.__dict__.get("_config_strategy")
         if strategy is None:  # built once per machine class (its config fields are class constants)
@@ -375,7 +398,7 @@ class LorainvMachine(RuleBasedStateMachine):
         cfg = data.draw(strategy, label="config")
         self.h = Harness(cfg, numeric=self.numeric, policy=self.policy)
         self.vocab = self.h.engine.network.vocab_size
-        self.tokens = token_strategy(self.vocab)
+        self.tokens = token_strategy(self.vocab)  # for custom rules; the machine's prompts use prompt_strategy
         # where this example starts in the cycles of invalid variants and scripts: cycling (not
         # a fresh draw per call) spreads a campaign evenly over every variant
         self.turn = data.draw(st.integers(0, (1 << 16) - 1), label="cycle offset")
@@ -396,8 +419,8 @@ class LorainvMachine(RuleBasedStateMachine):
     def _registered(self) -> list[str | None]:
         return [None, *sorted(self.eng.registry)]
 
-    def _prompt(self, data: st.DataObject, lo: int, hi: int) -> tuple[int, ...]:
-        return tuple(data.draw(st.lists(self.tokens, min_size=lo, max_size=hi), label="prompt"))
+    def _prompt(self, data: DrawSource, lo: int, hi: int) -> tuple[int, ...]:
+        return data.draw(prompt_strategy(self.vocab, lo, hi), label="prompt")
 
     def _next_rid(self) -> str:
         self.n += 1
@@ -450,20 +473,20 @@ class LorainvMachine(RuleBasedStateMachine):
         return [r for r in self.eng.requests.values() if r.state.live]
 
     # -- rules: requests ------------------------------------------------------------------
-    @rule(target=requests, data=st.data(), max_new=st.integers(1, 4))
-    def add_request(self, data: st.DataObject, max_new: int) -> str:
+    @rule(target=requests, data=draws(), max_new=st.integers(1, 4))
+    def add_request(self, data: Draws, max_new: int) -> str:
         prompt = self._prompt(data, 1, 4)
         return self._add(prompt, data.draw(st.sampled_from(self._registered()), label="adapter"), max_new)
 
-    @rule(target=requests, data=st.data(), max_new=st.integers(1, 4))
-    def add_long_request(self, data: st.DataObject, max_new: int) -> str:
+    @rule(target=requests, data=draws(), max_new=st.integers(1, 4))
+    def add_long_request(self, data: Draws, max_new: int) -> str:
         prompt = self._prompt(data, 5, 14)
         adapter = data.draw(st.sampled_from(self._registered()), label="adapter")
         return self._add(prompt, adapter, max_new, variant="long")
 
     @precondition(lambda self: bool(self.prompts))
-    @rule(target=requests, data=st.data(), max_new=st.integers(1, 3))
-    def resubmit(self, data: st.DataObject, max_new: int) -> str:
+    @rule(target=requests, data=draws(), max_new=st.integers(1, 3))
+    def resubmit(self, data: Draws, max_new: int) -> str:
         """An earlier prompt again, or an extension of it, under the same or another adapter
         (and sometimes as a session turn): long shared prefixes across adapters and sessions."""
         assert self.h is not None
@@ -492,8 +515,8 @@ class LorainvMachine(RuleBasedStateMachine):
         self._apply(O.Abort(rid), variant)
 
     @precondition(lambda self: self.h is not None and any(r.state.live for r in self.h.engine.requests.values()))
-    @rule(data=st.data())
-    def abort_live(self, data: st.DataObject) -> None:
+    @rule(data=draws())
+    def abort_live(self, data: Draws) -> None:
         """Cancel a request that is still waiting, prefilling or decoding (the bundle's rids
         are mostly ended by the time they are drawn once loads land by themselves)."""
         rids = sorted(r.rid for r in self._live())
@@ -519,8 +542,8 @@ class LorainvMachine(RuleBasedStateMachine):
         self._apply(O.AdvanceClock(dt), variant)
 
     # -- rules: adapters and sessions -----------------------------------------------------
-    @rule(data=st.data())
-    def adapter_churn(self, data: st.DataObject) -> None:
+    @rule(data=draws())
+    def adapter_churn(self, data: Draws) -> None:
         """Load (pinned sometimes, or reloaded with other weights), unload, pin or unpin an
         adapter, drawn among those where the op makes sense."""
         reg = sorted(self.eng.registry)
@@ -549,8 +572,8 @@ class LorainvMachine(RuleBasedStateMachine):
         else:
             self._apply(O.UnpinAdapter(name), "valid")
 
-    @rule(data=st.data())
-    def session_churn(self, data: st.DataObject) -> None:
+    @rule(data=draws())
+    def session_churn(self, data: Draws) -> None:
         """Open a session that is closed (while the limit allows), or close an open one."""
         assert self.h is not None
         is_open = self._open()
@@ -567,8 +590,8 @@ class LorainvMachine(RuleBasedStateMachine):
             self._apply(op, "live-turn" if op.session_id in self._busy_sessions() else "idle")
 
     @precondition(lambda self: bool(self._idle_sessions()))
-    @rule(target=requests, data=st.data(), max_new=st.integers(1, 3))
-    def session_turn(self, data: st.DataObject, max_new: int) -> str:
+    @rule(target=requests, data=draws(), max_new=st.integers(1, 3))
+    def session_turn(self, data: Draws, max_new: int) -> str:
         sid = data.draw(st.sampled_from(self._idle_sessions()), label="sid")
         slot = self.eng.sessions.slots[sid]
         choices = self._registered() if not slot.tokens else [slot.adapter]
@@ -615,7 +638,7 @@ class LorainvMachine(RuleBasedStateMachine):
         "unload-session-held",
     )
 
-    def _prepare(self, which: str, data: st.DataObject) -> bool:
+    def _prepare(self, which: str, data: DrawSource) -> bool:
         """Reach, with valid ops, a state in which ``which`` is invalid; False if it was not
         reached (e.g. a pin the slot limit refuses)."""
         assert self.h is not None
@@ -654,7 +677,7 @@ class LorainvMachine(RuleBasedStateMachine):
             self._hold_session_kv(data)
         return which in self._stateful_invalid()
 
-    def _hold_session_kv(self, data: st.DataObject) -> None:
+    def _hold_session_kv(self, data: DrawSource) -> None:
         """Finish a turn of an adapter no live request uses in an idle session without KV
         (opening, or closing and reopening, one), so that the session holds that adapter's KV."""
         eng = self.eng
@@ -709,8 +732,8 @@ class LorainvMachine(RuleBasedStateMachine):
         held = {s.adapter for s in self.eng.sessions.slots.values() if s.tokens and s.adapter is not None}
         return sorted(held - used)
 
-    @rule(data=st.data())
-    def invalid_op(self, data: st.DataObject) -> None:
+    @rule(data=draws())
+    def invalid_op(self, data: Draws) -> None:
         """The next two invalid variants of the cycle: ops the engine must refuse with a typed
         error (a `Rejected` event). Refused ops are cheap and do not use up rule steps."""
         variants = self.ALWAYS_INVALID + self.STATEFUL_INVALID
@@ -719,7 +742,7 @@ class LorainvMachine(RuleBasedStateMachine):
             self.turn += 1
             self._invalid(which, data)
 
-    def _invalid(self, which: str, data: st.DataObject) -> None:
+    def _invalid(self, which: str, data: DrawSource) -> None:
         assert self.h is not None
         eng, cfg = self.eng, self.h.cfg
         if which in self.STATEFUL_INVALID and (not self._prepare(which, data) or self.failed):
@@ -825,8 +848,8 @@ class LorainvMachine(RuleBasedStateMachine):
                 self._apply(O.CompleteTransfers(None), "all")
             self._apply(O.Step(), "step")
 
-    @rule(data=st.data())
-    def rare_scenario(self, data: st.DataObject) -> None:
+    @rule(data=draws())
+    def rare_scenario(self, data: Draws) -> None:
         """A short script toward a state random ops seldom reach (parameters drawn).
 
         Half the time (and always once shrunk) it is a single ``Step``: a script's ops cannot
@@ -861,7 +884,7 @@ class LorainvMachine(RuleBasedStateMachine):
                 self._load(name, ADAPTERS[name], False, "fresh")
         return sorted(self.eng.registry)[:count]
 
-    def _drain_then_abort(self, data: st.DataObject) -> None:
+    def _drain_then_abort(self, data: DrawSource) -> None:
         """Drainer on: every slot runs a request, one more adapter starves past the wait
         threshold until a drain reserves a slot for it; then its requests are aborted."""
         assert self.h is not None
@@ -887,7 +910,7 @@ class LorainvMachine(RuleBasedStateMachine):
             req = self.eng.requests.get(rid)
             self._apply(O.Abort(rid), "live" if req is not None and req.state.live else "ended")
 
-    def _prefix_then_end(self, data: st.DataObject) -> None:
+    def _prefix_then_end(self, data: DrawSource) -> None:
         """Serve a prompt, resubmit it (extended) under the same adapter so it hits the prefix
         cache, then abort it, or let a request that already decodes squeeze the KV pool until
         the resubmission (no output yet, the longer prompt) is the retraction victim."""
@@ -915,7 +938,7 @@ class LorainvMachine(RuleBasedStateMachine):
             for _ in range(data.draw(st.integers(2, 6), label="steps")):
                 self._apply(O.Step(), "step")
 
-    def _busy_pin_or_abort(self, data: st.DataObject) -> None:
+    def _busy_pin_or_abort(self, data: DrawSource) -> None:
         """Queue one request per slot (plus one) on distinct adapters, one of them long enough
         to be chunked, run one round, then pin an adapter or abort one of them."""
         assert self.h is not None
@@ -938,7 +961,7 @@ class LorainvMachine(RuleBasedStateMachine):
             req = self.eng.requests.get(rid)
             self._apply(O.Abort(rid), "live" if req is not None and req.state.live else "ended")
 
-    def _two_turns(self, data: st.DataObject) -> None:
+    def _two_turns(self, data: DrawSource) -> None:
         """Two finished turns in one session (run at ``page_size > 1``)."""
         idle = self._idle_sessions()
         if idle:
@@ -955,8 +978,8 @@ class LorainvMachine(RuleBasedStateMachine):
             self._run(rid, 8)
 
     @precondition(lambda self: bool(self.reserved))
-    @rule(data=st.data())
-    def abort_reserved(self, data: st.DataObject) -> None:
+    @rule(data=draws())
+    def abort_reserved(self, data: Draws) -> None:
         """Abort a request of an adapter a drain reserved a slot for (the reservation must end)."""
         rids = sorted(r.rid for r in self._live() if r.adapter in self.reserved)
         if rids:

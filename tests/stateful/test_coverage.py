@@ -53,8 +53,12 @@ def test_every_op_variant_event_kind_and_rare_state_is_reached() -> None:
 
 
 def test_invalid_ops_stay_a_minority() -> None:
-    """Invalid ops are drawn at a modest rate: deep valid sequences are not crowded out."""
-    cov = campaign_coverage(40)["coverage"]
+    """Invalid ops are drawn at a modest rate: deep valid sequences are not crowded out.
+
+    100 examples: a derandomized run's first few dozen examples are a small sample whose mix
+    moves with any change to the generator's choice sequence (at 40 examples a change that kept
+    the 200-example mix within 1.5 points moved the step share from 38 % to 12 %)."""
+    cov = campaign_coverage(100)["coverage"]
     counts = {k: v["accepted"] + v["rejected"] for k, v in cov["op_variants"].items()}
     invalid = sum(n for k, n in counts.items() if tuple(k.split(":", 1)) not in VALID_VARIANTS)
     total = sum(counts.values())
