@@ -7,8 +7,9 @@ that fault enabled (``run_campaign(faults={f}, derandomize=False, seed=s)``):
 * **detect** (``shrink=False``): the time and the number of examples until the first
   violation. Both are read at the moment the machine records its first failure (the
   campaign's own time also includes one re-run of the failing example for the report);
-* **shrink** (``shrink=True``): the same search, then Hypothesis shrinking; the length of
-  the final trace (ops) and the time the shrinking took after the first failure.
+* **shrink** (``shrink=True``): the same search, then the campaign's shrinking (delta
+  debugging of the trace by replay, `lorainv.testing.minimize`, the default shrinker); the
+  length of the final trace (ops) and the time from the first failure to the saved trace.
 
 Reported per fault: seeds detected, median and worst time to first failure, median and
 worst examples needed, median and worst shrunk trace length. A fault not found within the

@@ -45,3 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "LORAINV_HYPOTHESIS_PROFILE"
     ):
         settings.load_profile("lorainv-dev")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first (a stable sort keeps the rest in order): with ``-n 2`` a
+    long test that starts last leaves the other worker idle until it ends."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -12,6 +12,8 @@ import pytest
 
 from lorainv.cli import main
 
+pytestmark = pytest.mark.slow  # ordered ahead of the rest (tests/conftest.py)
+
 FAULT = "stale_overlap_event"  # found within a few dozen fast examples
 
 

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from test_fuzz_workers import check_planted_fault_then_replay
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'lorainv[ray]')"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'lorainv[ray]')"
+    ),
+    pytest.mark.slow,
+]
 
 
 def test_ray_finds_a_planted_fault_and_the_next_run_replays_it_first(

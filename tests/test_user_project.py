@@ -29,6 +29,8 @@ import pytest
 
 from lorainv.cli import main
 
+pytestmark = pytest.mark.slow  # ordered ahead of the rest (tests/conftest.py)
+
 # The user's extension. The rule is the user's own (their server caps generation at 12 new
 # tokens); lorainv knows nothing of it. The fault is the user's historic bug: a frontend that
 # added 12 to every request's budget.

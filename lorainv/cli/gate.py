@@ -108,7 +108,7 @@ def _steps(a: argparse.Namespace, root: Path, strict: int) -> list[tuple[str, li
     if a.profile:  # (run() also exports LORAINV_HYPOTHESIS_PROFILE, for pytest runs the tests start)
         cmd.append(f"--hypothesis-profile={a.profile}")
     if workers > 0 and importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", str(workers)]
+        cmd += ["-n", str(workers), "--dist", "worksteal"]  # an idle worker takes queued tests from a busy one
     for m in a.checkers:
         cmd.append(f"--lorainv-checkers={m}")
     steps.append(("pytest", cmd + list(a.tests or ["tests"])))

@@ -11,8 +11,12 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from lorainv import events as E
 from lorainv.testing.machine import OP_VARIANTS, RARE_STATES, VALID_VARIANTS
+
+pytestmark = pytest.mark.slow  # ordered ahead of the rest (tests/conftest.py)
 
 BUDGET = 800  # derandomized; at 400 the rarest state (a prefix hit then a retraction) came up 0 times, at 800 10
 

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 from lorainv.testing.machine import make_machine
+
+pytestmark = pytest.mark.slow  # ordered ahead of the rest (tests/conftest.py)
 
 FastMachine = make_machine("FastMachine")
 OverlapSessionsMachine = make_machine(

@@ -144,6 +144,7 @@ def test_planted_bug_is_found(name: str, tmp_path: Path, monkeypatch: pytest.Mon
     assert (res.trace.expect["pool"], res.trace.expect["invariant"]) == want, res.trace.meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("setup", "overrides"), [("default", {}), ("fast device", FAST_LOADS)], ids=["default", "fast-device"]
 )
