@@ -24,6 +24,7 @@ def test_campaign_runs_clean_and_counts_coverage(tmp_path: Path) -> None:
     assert cov["counters"]["chunked_prefill"] > 0 and cov["events"].get("Decoded", 0) > 0
 
 
+@pytest.mark.slow
 def test_campaign_finds_a_planted_cross_adapter_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import vllm.v1.core.kv_cache_utils as kcu
 
