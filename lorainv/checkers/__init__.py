@@ -6,6 +6,6 @@ puts it in force (`lorainv.extensions.using`, ``--checkers MODULE``, an installe
 ``lorainv_extensions`` fixture).
 """
 
-from lorainv.checkers.base import Checker, all_checkers, checker_names, register, run_checks, select
+from lorainv.checkers.base import Checker, all_checkers, checker_names, generation, register, run_checks, select
 
-__all__ = ["Checker", "all_checkers", "checker_names", "register", "run_checks", "select"]
+__all__ = ["Checker", "all_checkers", "checker_names", "generation", "register", "run_checks", "select"]

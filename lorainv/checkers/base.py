@@ -34,6 +34,10 @@ _DECLARED: dict[str, dict[str, Factory]] = {}
 # Replaced, never mutated in place, by set_user_checkers (a scope restores the old one).
 _FACTORIES: dict[str, Factory] = {}
 _USER: dict[str, Factory] = {}
+# bumped whenever the set in force changes (a checker of this package registered, a scope's
+# user checkers put in force), so a holder of instances knows when to make new ones
+_GENERATION = 0
+_LOADED: list[bool] = []
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -47,10 +51,12 @@ def register(name: str) -> Callable[[type], type]:
 
     def deco(cls: type) -> type:
         setattr(cls, "name", name)  # noqa: B010 - a class attribute the Checker protocol reads
+        global _GENERATION
         if cls.__module__.startswith("lorainv.checkers."):
             _BUILTIN[name] = cls
             if name not in _USER:
                 _FACTORIES[name] = cls
+                _GENERATION += 1
         else:
             _DECLARED.setdefault(cls.__module__, {})[name] = cls
         return cls
@@ -82,7 +88,7 @@ def set_user_checkers(factories: dict[str, Factory]) -> dict[str, Factory]:
     """Put exactly ``factories`` in force as the user checkers (replacing the previous set) and
     return the previous set, for the caller to restore. Mutates this module's registry; only
     scopes (`lorainv.extensions`) call it. A name of a built-in checker is refused (ConfigError)."""
-    global _FACTORIES, _USER
+    global _FACTORIES, _USER, _GENERATION
     _load_all()
     clash = sorted(set(factories) & set(_BUILTIN))
     if clash:
@@ -90,7 +96,15 @@ def set_user_checkers(factories: dict[str, Factory]) -> dict[str, Factory]:
     prev = _USER
     _USER = dict(factories)
     _FACTORIES = {**_BUILTIN, **_USER}
+    _GENERATION += 1
     return prev
+
+
+def generation() -> int:
+    """A number that changes whenever the set of checkers in force changes: instances made by
+    `all_checkers` stay the set in force while it is unchanged."""
+    _load_all()
+    return _GENERATION
 
 
 def checker_names() -> list[str]:
@@ -123,6 +137,8 @@ def run_checks(snap: Snapshot, checkers: Iterable[Checker] | None = None) -> lis
 
 def _load_all() -> None:
     # importing the modules registers their checkers
+    if _LOADED:
+        return
     from lorainv.checkers import (  # noqa: F401
         drainer,
         kv,
@@ -134,6 +150,8 @@ def _load_all() -> None:
         requests,
         sessions,
     )
+
+    _LOADED.append(True)
 
 
 def shown(items: Iterable[object], limit: int = 16) -> tuple[object, ...]:

@@ -23,9 +23,11 @@ class DrainerChecker:
         marks = dict(d.marks)
         if (marks or d.reserved) and not d.enabled:
             out.append(Violation("drainer", "L10", "drain marks while the drainer is off", shown(marks)))
-        running = {r.adapter for r in snap.live() if r.state in ("prefilling", "decoding")}
+        running: set[str | None] = set()
+        waiting: set[str | None] = set()
+        for r in snap.live():
+            (waiting if r.state == "waiting" else running).add(r.adapter)
         loading = {ld.uid for ld in snap.lora.loads}
-        waiting = {r.adapter for r in snap.live() if r.state == "waiting"}
         starving = waiting - running - loading
         for adapter, for_adapter in marks.items():
             if adapter not in running:
@@ -40,7 +42,7 @@ class DrainerChecker:
             elif for_adapter not in starving:
                 why = f"{adapter!r} drains for {for_adapter!r}, which does not starve"
                 out.append(Violation("drainer", "L10", why, (adapter,)))
-        dup = [s for s, c in Counter(marks.values()).items() if c > 1]
+        dup = [s for s, c in Counter(marks.values()).items() if c > 1] if len(marks) > 1 else []
         if dup:
             out.append(Violation("drainer", "L10", "several adapters drain for one starving adapter", shown(dup)))
         for a in d.reserved:

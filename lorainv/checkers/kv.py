@@ -95,8 +95,12 @@ def _partition(arrays: list[np.ndarray], ps: int, n: int) -> bool:
         return False
     if total <= 512:
         return sorted(i for a in arrays for i in a.tolist()) == list(range(ps, n))
-    flat = np.sort(np.concatenate(arrays))
-    return bool(np.array_equal(flat, np.arange(ps, n, dtype=np.int64)))
+    flat = np.concatenate(arrays)
+    if flat.min() < ps or flat.max() >= n:
+        return False
+    seen = np.zeros(n, dtype=bool)
+    seen[flat] = True
+    return bool(seen[ps:].all())  # n - ps indices cover all n - ps places: each exactly once
 
 
 def _owners(claims: list[tuple[str, np.ndarray]], n: int) -> np.ndarray:

@@ -171,6 +171,7 @@ class Engine:
         # op (every default checker passed), so a caller reading it right then (the harness)
         # need not take and check a second, identical one.
         self.last_checked_snapshot: Any = None
+        self._checkers: tuple[int, list[Any]] | None = None  # (checker generation, instances): see check()
         # user faults (lorainv.extensions.Fault) named in cfg.faults patch this engine now
         faults.install_user_faults(self)
 
@@ -679,8 +680,11 @@ class Engine:
         """Run every checker on a fresh snapshot, then the no-progress check
         (`lorainv.checkers.liveness.no_progress`); with ``progress_only``, that check alone (no
         snapshot). Pure as to the runtime: its one write is `last_checked_snapshot` (the
-        snapshot when every check passed, else None; left alone with ``progress_only``)."""
-        from lorainv.checkers import liveness, run_checks
+        snapshot when every check passed, else None; left alone with ``progress_only``). The
+        checker instances are kept between calls while the set in force is unchanged
+        (`lorainv.checkers.base.generation`), as the harness keeps its own: a checker may
+        remember its last verdict or the last owners it saw, never anything of the runtime."""
+        from lorainv.checkers import all_checkers, generation, liveness, run_checks
 
         live, loads = self._progress_facts()
         latency = getattr(self.device, "latency_steps", None)
@@ -688,7 +692,10 @@ class Engine:
         if progress_only:
             return liveness.no_progress(view)
         snap = self.snapshot()
-        out = run_checks(snap) + liveness.no_progress(view)
+        gen = generation()
+        if self._checkers is None or self._checkers[0] != gen:
+            self._checkers = (gen, all_checkers())
+        out = run_checks(snap, self._checkers[1]) + liveness.no_progress(view)
         self.last_checked_snapshot = None if out else snap
         return out
 

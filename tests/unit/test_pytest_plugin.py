@@ -58,7 +58,8 @@ def test_leak_fails_the_test(pytester: pytest.Pytester, level: int) -> None:
             "*_ test_leaks _*",
             "*InvariantViolation*",
             "*[[]kv/K1[]] available * != total 2048 offenders=[[]-2[]]*",
-            "*[[]kv/K3[]] leaked token indices: owned by nobody offenders=[[]5, 6[]]*",
+            # at level 2 the engine's checker also names the last owners: "... last owned by free"
+            "*[[]kv/K3[]] leaked token indices: owned by nobody*offenders=[[]5, 6[]]*",
         ]
     )
     assert "ERROR at teardown" not in result.stdout.str()
