@@ -274,6 +274,13 @@ def take_snapshot(engine: Any) -> Snapshot:
     )
 
 
+# The `Snapshot` fields whose values can come through a memo of this module or of the slot
+# oracle (requests: `_REQ_MEMO`; lora, through its contents: `_CONTENT_MEMO` and the slot
+# oracle's; pinned: `_PINNED_MEMO`). Every other field is computed afresh on every call, so a
+# memoized snapshot can differ from `fresh_snapshot` only in these. A new memo must add its field.
+MEMOIZED_FIELDS = ("requests", "lora", "pinned")
+
+
 def fresh_snapshot(engine: Any) -> Snapshot:
     """`take_snapshot` computed with every memo empty: the memo dicts of this module and of the
     slot oracle are swapped for empty ones during the call and restored after, so nothing but

@@ -185,9 +185,10 @@ class Harness:
             return [
                 Violation("requests", "liveness", f"not idle after {max_steps} steps with no new ops; stalled", stalled)
             ]
-        out = run_checks(eng.snapshot(), self.checkers)
+        snap = eng.snapshot()
+        out = run_checks(snap, self.checkers)
         if not out:
-            out = memo_violations(eng)
+            out = memo_violations(eng, snap)
         if not out and self.numeric:
             out = self.numeric_violations()
         return out
@@ -201,16 +202,19 @@ class Harness:
         return check_numerics(self.records, self.recorder.forwards, NumericOracle.for_network(self.recorder))
 
 
-def memo_violations(engine: Any) -> list[Violation]:
-    """The snapshot as the checkers got it (through the snapshotter's memos) must equal one
-    taken with every memo empty; a stale memo would hide a change from every checker."""
-    from lorainv.impl.snapshotter import fresh_snapshot
+def memo_violations(engine: Any, memo: Any = None) -> list[Violation]:
+    """The snapshot as the checkers got it (through the snapshotter's memos; ``memo``, or one
+    taken now) must equal one taken with every memo empty; a stale memo would hide a change from
+    every checker. Only the fields a memo can feed are compared (`MEMOIZED_FIELDS`)."""
+    from lorainv.impl.snapshotter import MEMOIZED_FIELDS, fresh_snapshot
     from lorainv.snapshot import canonical
 
-    memo, fresh = engine.snapshot(), fresh_snapshot(engine)
-    if canonical(memo) == canonical(fresh):
+    if memo is None:
+        memo = engine.snapshot()
+    fresh = fresh_snapshot(engine)
+    fields = [f for f in MEMOIZED_FIELDS if canonical(getattr(memo, f)) != canonical(getattr(fresh, f))]
+    if not fields:
         return []
-    fields = [f for f in memo.__dataclass_fields__ if canonical(getattr(memo, f)) != canonical(getattr(fresh, f))]
     return [Violation("snapshot", "memo", f"a memoized snapshot differs from a fresh one in {fields}", tuple(fields))]
 
 
