@@ -1,4 +1,4 @@
-"""The fuzzer finds op-obligation and policy bugs: each realistic bug of issue 13 is planted
+"""The fuzzer finds op-obligation, policy and refinement bugs: each realistic bug of issue 13 is planted
 in ``lorainv/impl`` with monkeypatch (never as a runtime fault branch) and the campaign behind
 ``lorainv fuzz --fast --max-examples 400 --seed 0`` must report it, in the pool and under the
 invariant that name it. Shrinking is off (CI time); the clean runtime passes the same budget (the
@@ -118,6 +118,12 @@ def no_thrash_guard_removed(mp: pytest.MonkeyPatch) -> None:
     fast_device(mp)
 
 
+def fail_transfers_ignored(mp: pytest.MonkeyPatch) -> None:
+    """``FailTransfers`` validates as documented, then arms no failure on the device (the
+    loads it should break all land)."""
+    _plant(mp, Engine, "_op_FailTransfers", "self.device.fail_next(op.n)", "pass")
+
+
 FAST_LOADS = {"enable_lora_overlap_loading": True, "max_loras_per_batch": 1}
 
 # plant -> (config overrides that make it reachable, the (pool, invariant) that must name it)
@@ -130,6 +136,7 @@ PLANTS: dict[str, tuple[Plant, dict[str, Any], tuple[str, str]]] = {
     "prefill budget never decremented": (budget_never_decremented, {}, ("policy", "prefill-budget")),
     "max_running_requests ignored": (max_running_ignored, {}, ("policy", "max-running")),
     "no-thrash guard removed": (no_thrash_guard_removed, FAST_LOADS, ("policy", "no-thrash")),
+    "FailTransfers ignored": (fail_transfers_ignored, {}, ("refinement", "injected-failures")),
 }
 
 
