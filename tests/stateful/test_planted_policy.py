@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from lorainv.errors import AdapterError, RequestError
+from lorainv.impl.drainer import Drainer
 from lorainv.impl.engine import Engine
 from lorainv.impl.lora_pool import LoraPool
 from lorainv.impl.scheduler import Scheduler
@@ -118,6 +119,11 @@ def no_thrash_guard_removed(mp: pytest.MonkeyPatch) -> None:
     fast_device(mp)
 
 
+def drain_victim_most_demanding(mp: pytest.MonkeyPatch) -> None:
+    """The drainer marks the running adapter with the most demand, not the least."""
+    _plant(mp, Drainer, "update", "d = min(free, key=self._victim_key)", "d = max(free, key=self._victim_key)")
+
+
 def fail_transfers_ignored(mp: pytest.MonkeyPatch) -> None:
     """``FailTransfers`` validates as documented, then arms no failure on the device (the
     loads it should break all land)."""
@@ -136,6 +142,7 @@ PLANTS: dict[str, tuple[Plant, dict[str, Any], tuple[str, str]]] = {
     "prefill budget never decremented": (budget_never_decremented, {}, ("policy", "prefill-budget")),
     "max_running_requests ignored": (max_running_ignored, {}, ("policy", "max-running")),
     "no-thrash guard removed": (no_thrash_guard_removed, FAST_LOADS, ("policy", "no-thrash")),
+    "drain victim against the rule": (drain_victim_most_demanding, {}, ("policy", "drain-victim")),
     "FailTransfers ignored": (fail_transfers_ignored, {}, ("refinement", "injected-failures")),
 }
 
