@@ -12,11 +12,24 @@ from lorainv.snapshot import Snapshot
 def token_owners(snap: Snapshot) -> list[tuple[str, np.ndarray]]:
     """Every claim on a token index: (owner label, indices). Active session slots are
     represented by their borrowing request, so a lent token is claimed once."""
-    claims: list[tuple[str, np.ndarray]] = [("free", snap.free_indices)]
-    claims += [(f"prefix node {n.id}", n.indices) for n in snap.prefix_nodes]
-    claims += [(f"request {r.rid}", r.indices[r.cache_len :]) for r in snap.live() if len(r.indices)]
-    claims += [(f"session {s.session_id}", s.indices) for s in snap.sessions if not s.is_active and len(s.indices)]
+    return [(_label(who), idx) for who, idx in _claims(snap)]
+
+
+Owner = tuple[str, object]  # ("request", rid), ("prefix node", id), ("session", sid) or ("free", "")
+
+
+def _claims(snap: Snapshot) -> list[tuple[Owner, np.ndarray]]:
+    """`token_owners` with the labels left unformatted (they are read only to report)."""
+    claims: list[tuple[Owner, np.ndarray]] = [(("free", ""), snap.free_indices)]
+    claims += [(("prefix node", n.id), n.indices) for n in snap.prefix_nodes]
+    claims += [(("request", r.rid), r.indices[r.cache_len :]) for r in snap.live() if len(r.indices)]
+    claims += [(("session", s.session_id), s.indices) for s in snap.sessions if not s.is_active and len(s.indices)]
     return claims
+
+
+def _label(who: Owner) -> str:
+    kind, name = who
+    return kind if kind == "free" else f"{kind} {name}"
 
 
 @register("kv")
@@ -28,7 +41,7 @@ class KVChecker:
     """
 
     def __init__(self) -> None:
-        self._last_claims: list[tuple[str, np.ndarray]] = []
+        self._last_claims: list[tuple[Owner, np.ndarray]] = []
         self._last_n = -1
 
     def check(self, snap: Snapshot) -> list[Violation]:
@@ -54,7 +67,7 @@ class KVChecker:
     def _membership(self, snap: Snapshot) -> list[Violation]:
         ps = snap.page_size
         n = snap.total_tokens + ps
-        claims = token_owners(snap)
+        claims = _claims(snap)
         arrays = [np.asarray(idx, dtype=np.int64) for _, idx in claims]
         if _partition(arrays, ps, n):  # the common case: every index in [ps, n) claimed exactly once
             self._last_claims, self._last_n = claims, n
@@ -62,24 +75,24 @@ class KVChecker:
         out: list[Violation] = []
         flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
         if flat.size and (flat.min() < ps or flat.max() >= n):  # name each claim with a bad index
-            for k, (label, _) in enumerate(claims):
+            for k, (who, _) in enumerate(claims):
                 idx = arrays[k]
                 bad = idx[(idx < ps) | (idx >= n)]
                 if bad.size:
-                    out.append(Violation("kv", "K3", f"{label} holds padding/out-of-pool indices", shown(bad)))
+                    out.append(Violation("kv", "K3", f"{_label(who)} holds padding/out-of-pool indices", shown(bad)))
                     arrays[k] = idx[(idx >= ps) & (idx < n)]
             flat = np.concatenate(arrays)
         count = np.bincount(flat, minlength=n)
         aliased = np.flatnonzero(count > 1)
         if aliased.size:
-            who = sorted({label for label, idx in claims if np.isin(idx, aliased).any()})
-            out.append(Violation("kv", "K3", f"token indices owned twice, by {', '.join(who)}", shown(aliased)))
+            names = sorted({_label(who) for who, idx in claims if np.isin(idx, aliased).any()})
+            out.append(Violation("kv", "K3", f"token indices owned twice, by {', '.join(names)}", shown(aliased)))
         leaked = np.flatnonzero(count[ps:] == 0) + ps
         if leaked.size:
             last = ""
             if self._last_n == n:
                 owner = _owners(self._last_claims, n)
-                prev = {self._last_claims[i][0] for i in owner[leaked] if i >= 0}
+                prev = {_label(self._last_claims[i][0]) for i in owner[leaked] if i >= 0}
                 last = f" last owned by {', '.join(sorted(prev))}" if prev else ""
             out.append(Violation("kv", "K3", f"leaked token indices: owned by nobody{last}", shown(leaked)))
         self._last_claims, self._last_n = claims, n
@@ -103,7 +116,7 @@ def _partition(arrays: list[np.ndarray], ps: int, n: int) -> bool:
     return bool(seen[ps:].all())  # n - ps indices cover all n - ps places: each exactly once
 
 
-def _owners(claims: list[tuple[str, np.ndarray]], n: int) -> np.ndarray:
+def _owners(claims: list[tuple[Owner, np.ndarray]], n: int) -> np.ndarray:
     """Index -> position of its claim in ``claims`` (-1: none); a later claim overwrites an
     earlier one's, in order. Only read to name a leak's previous owners."""
     owner = np.full(n, -1, dtype=np.int64)

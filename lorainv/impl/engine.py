@@ -56,7 +56,7 @@ from lorainv.impl.drainer import Drainer
 from lorainv.impl.kv_pool import ReqToTokenPool, TokenAllocator
 from lorainv.impl.overlap_loader import OverlapLoader
 from lorainv.impl.prefix_cache import PrefixCache
-from lorainv.impl.request import ReqState, Request
+from lorainv.impl.request import LIVE_STATES, ReqState, Request
 from lorainv.impl.scheduler import Scheduler
 from lorainv.impl.sessions import SessionManager
 from lorainv.impl.tp_pools import make_lora_pool
@@ -670,7 +670,7 @@ class Engine:
     def _progress_facts(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """(rid, state, adapter) of every live request and (adapter, slot, started step, landed)
         of every tracked load: what the no-progress check reads. A pure read."""
-        live = tuple((r.rid, r.state.value, r.adapter) for r in self.requests.values() if r.state.live)
+        live = tuple((r.rid, r.state._value_, r.adapter) for r in self.requests.values() if r.state in LIVE_STATES)
         if self.loader is None:
             return live, ()
         started = self.loader.started_steps()

@@ -26,7 +26,11 @@ class ReqState(str, enum.Enum):
 
     @property
     def live(self) -> bool:
-        return self in (ReqState.WAITING, ReqState.PREFILLING, ReqState.DECODING)
+        return self in LIVE_STATES
+
+
+# the live states (a tuple: `in` finds a member by identity, with no Python-level hash or compare)
+LIVE_STATES = (ReqState.WAITING, ReqState.PREFILLING, ReqState.DECODING)
 
 
 @dataclass(eq=False)

@@ -16,6 +16,7 @@ import numpy as np
 
 from lorainv.checkers.slot_oracle import expected_digests, slot_digests
 from lorainv.impl.lora_pool import EMPTY
+from lorainv.impl.request import ReqState
 from lorainv.snapshot import (
     EMPTY_NAME,
     DrainSnap,
@@ -155,7 +156,7 @@ def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
     node = r.cache_node
     cache_node = None if node is None or node.parent is None else node.id
     session_alloc = r.session_alloc if r.session_lent else 0
-    state = r.state.value
+    state = r.state._value_  # the member's own attribute: Enum.value is a property call
     row = r.row
     indices = r.indices
     n_out = len(r.output)
@@ -180,24 +181,28 @@ def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
             return hit[2]
     indices = np.array(indices, dtype=np.int64)  # a copy
     entries = r2t[row, : len(indices)].copy() if row is not None else np.zeros(0, np.int64)
-    snap = build(
-        ReqSnap,
-        rid=r.rid,
-        state=state,
-        adapter=r.adapter,
-        session_id=r.session_id,
-        row=row,
-        indices=indices,
-        kv_len=r.kv_len,
-        cache_len=r.cache_len,
-        session_alloc=session_alloc,
-        own_row=r.own_row,
-        output_len=n_out,
-        max_new_tokens=r.max_new_tokens,
-        fill_len=len(fill),
-        row_entries=entries,
-        cache_node=cache_node,
-        fill=fill,
+    # `build` without its field-set comparison (the hottest constructor: one per live request
+    # per op); `test_snapshot_fields` checks this literal names exactly ReqSnap's fields
+    snap = object.__new__(ReqSnap)
+    snap.__dict__.update(
+        {
+            "rid": r.rid,
+            "state": state,
+            "adapter": r.adapter,
+            "session_id": r.session_id,
+            "row": row,
+            "indices": indices,
+            "kv_len": r.kv_len,
+            "cache_len": r.cache_len,
+            "session_alloc": session_alloc,
+            "own_row": r.own_row,
+            "output_len": n_out,
+            "max_new_tokens": r.max_new_tokens,
+            "fill_len": len(fill),
+            "row_entries": entries,
+            "cache_node": cache_node,
+            "fill": fill,
+        }
     )
     if bare:
         if len(_REQ_MEMO) >= _REQ_MEMO_LIMIT:
@@ -211,6 +216,9 @@ _REQ_MEMO: dict[int, tuple[Any, tuple[Any, ...], ReqSnap]] = {}
 _REQ_MEMO_LIMIT = 4096
 
 
+_LIVE_STATES = frozenset(s.value for s in ReqState if s.live)
+
+
 def take_snapshot(engine: Any) -> Snapshot:
     idle = engine.is_idle()
     s = engine.scheduler
@@ -221,8 +229,9 @@ def take_snapshot(engine: Any) -> Snapshot:
     held = 0  # K1's held_by_requests: tokens the live requests account for
     finished = []
     for r in engine.requests.values():
-        reqs.append(_req(r, r2t))
-        if r.state.live:
+        snap = _req(r, r2t)
+        reqs.append(snap)
+        if snap.state in _LIVE_STATES:  # == r.state.live, without its property and enum compares
             held += r.held_tokens
         else:
             finished.append(r.rid)
