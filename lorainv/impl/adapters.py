@@ -422,7 +422,9 @@ def generate_adapter(
 
     Equal to ``load_peft_adapter`` of ``write_peft_adapter`` with the same arguments.
     """
-    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    targets: Any = target_modules
+    if isinstance(target_modules, Iterable) and not isinstance(target_modules, str):
+        targets = tuple(target_modules)  # hashable, for the cache; anything else _gen_spec refuses by name
     try:
         hash((dims, rank, seed, alpha, targets, use_rslora))
     except TypeError:  # not a cache key; _gen_spec names what is wrong

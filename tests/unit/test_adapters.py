@@ -118,6 +118,23 @@ def test_generated_adapters_share_no_tensor_and_hold_theirs_read_only():
         a.weights[0]["o"] = b.weights[0]["o"]  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    ("target_modules", "error"),
+    [
+        (5, AdapterConfigError),
+        ([["q_proj"]], AdapterConfigError),
+        (None, AdapterConfigError),
+        (["nope"], UnsupportedAdapterError),
+    ],
+)
+def test_generation_refuses_bad_target_modules_by_name(target_modules: object, error: type[Exception]) -> None:
+    """The generation cache needs hashable arguments; what is not (or not a list at all) still
+    gets the typed refusal naming the field, never a TypeError from the cache."""
+    for _ in range(2):  # a refusal is not cached as a result
+        with pytest.raises(error, match="target_modules"):
+            generate_adapter("x", DIMS, rank=2, seed=1, dtype=F32, target_modules=target_modules)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("rslora", "expected"), [(False, 16 / 4), (True, 16 / 2)])
 def test_scaling_alpha_over_r_vs_rslora(tmp_path, rslora, expected):
     p = write_peft_adapter(tmp_path, DIMS, rank=4, seed=0, alpha=16, use_rslora=rslora)
