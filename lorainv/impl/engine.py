@@ -679,9 +679,9 @@ class Engine:
     def check(self, *, progress_only: bool = False) -> list[Violation]:
         """Run every checker on a fresh snapshot, then the no-progress check
         (`lorainv.checkers.liveness.no_progress`); with ``progress_only``, that check alone (no
-        snapshot). Pure as to the runtime: its one write is `last_checked_snapshot` (the
-        snapshot when every check passed, else None; left alone with ``progress_only``). The
-        checker instances are kept between calls while the set in force is unchanged
+        snapshot). Pure as to the runtime. Its writes: `last_checked_snapshot` (the snapshot
+        when every check passed, else None; left alone with ``progress_only``) and the checker
+        instances, kept between calls while the set in force is unchanged
         (`lorainv.checkers.base.generation`), as the harness keeps its own: a checker may
         remember its last verdict or the last owners it saw, never anything of the runtime."""
         from lorainv.checkers import all_checkers, generation, liveness, run_checks

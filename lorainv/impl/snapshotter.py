@@ -182,7 +182,7 @@ def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
     indices = np.array(indices, dtype=np.int64)  # a copy
     entries = r2t[row, : len(indices)].copy() if row is not None else np.zeros(0, np.int64)
     # `build` without its field-set comparison (the hottest constructor: one per live request
-    # per op); `test_snapshot_fields` checks this literal names exactly ReqSnap's fields
+    # per op); tests/unit/test_snapshot_fields.py checks this literal names exactly ReqSnap's fields
     snap = object.__new__(ReqSnap)
     snap.__dict__.update(
         {
