@@ -208,8 +208,7 @@ class ReferenceModel:
         exhausted in this op; or, in a ``Step`` with nothing running or loading (a stall), it
         cannot be admitted: its tokens exceed the free plus cached KV, or no slot can be had
         (none free, every occupant pinned, or the drainer's reservations fill the rest)."""
-        pages = self.pages(r.fill - r.out + r.max_new - 1)
-        if pages > self.cfg.max_total_tokens:
+        if self._never_fits(r):
             return "never fits"
         if r.adapter in self._exhausted:
             return "load retries exhausted"
@@ -225,6 +224,11 @@ class ReferenceModel:
         if len(self.s.reserved | {r.adapter}) > slots or not (free or evictable):
             return "stall: slots"
         return None
+
+    def _never_fits(self, r: Req) -> bool:
+        """``r`` at its longest (every token it may still emit but the last, whose KV is never
+        written) needs more KV than the whole pool."""
+        return self.pages(r.fill - r.out + r.max_new - 1) > self.cfg.max_total_tokens
 
     def _retire(self) -> None:
         """Forget ended requests beyond ``max_finished_requests``: an ended request is kept
@@ -331,7 +335,7 @@ class ReferenceModel:
             raise ModelError(f"chunk of {ev.chunk_tokens} outside a batch or over chunked_prefill_size")
         self.policy.on_scheduled(ev, r)
         if r.state == "waiting":
-            if self.pages(r.fill - r.out + r.max_new - 1) > self.cfg.max_total_tokens:
+            if self._never_fits(r):
                 raise ModelError(f"admitted {ev.rid}, which can never fit in {self.cfg.max_total_tokens} tokens")
             r.admit_out, r.admitted_at = r.out, self.s.now
             if r.session is not None:
