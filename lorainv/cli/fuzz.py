@@ -9,9 +9,13 @@ all of them, and merges their reports into the summary and the JSON report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -297,10 +301,14 @@ def _run(a: argparse.Namespace, out: TextIO) -> int:
 
         reports, interrupted = run_processes(specs, display.update)
     else:
-        try:
-            rep = run_shard(specs[0], LocalHooks(display.update))
-        except KeyboardInterrupt:  # before the shard's own loop began (still importing or setting up)
-            rep = ShardReport(shard=0, stop_reason="interrupted")
+        hooks = LocalHooks(display.update)
+        with _ctrl_c_also_stops(hooks) as asked:
+            try:
+                rep = run_shard(specs[0], hooks)
+            except KeyboardInterrupt:  # before the shard's own loop began (still importing or setting up)
+                rep = ShardReport(shard=0, stop_reason="interrupted")
+        if asked:  # a Ctrl-C whose KeyboardInterrupt was swallowed still ends the run as interrupted
+            rep.stop_reason = "interrupted"
         reports, interrupted = [rep], rep.stop_reason == "interrupted"
     dt = time.monotonic() - t0
     if live:
@@ -315,6 +323,30 @@ def _run(a: argparse.Namespace, out: TextIO) -> int:
     if interrupted:
         out.write("\ninterrupted (Ctrl-C): the summary covers the work done until then\n")
     return _summary(a, out, total, kept, dt, n, backend, db, reports, sorted(faults), sorted(off), interrupted)
+
+
+@contextlib.contextmanager
+def _ctrl_c_also_stops(hooks: Any) -> Iterator[list[bool]]:
+    """While inside: SIGINT also sets the shard's stop flag (polled after every example) before
+    raising KeyboardInterrupt as usual. Python drops an exception raised while a garbage
+    collector callback runs (Hypothesis registers one to time collections), so a Ctrl-C that
+    lands in a collection used to be ignored; the flag ends the run anyway. Yields a list that
+    holds True once a SIGINT arrived."""
+    asked: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        asked[:] = [True]
+        hooks.request_stop()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _summary(

@@ -211,17 +211,17 @@ def _merge_stats(rep: ShardReport, stats: dict[str, Any], examples: int, ops: in
 
 
 def freeze_startup() -> None:
-    """Once per process: collect, then freeze what is left (`gc.freeze`). The start-up object
-    graph (torch, Hypothesis, lorainv: over a million objects) lives as long as the process;
-    frozen, the cyclic collector stops re-walking it on every full collection (measured: about
-    5-8 % more ops/s on ``lorainv fuzz --fast``). Collecting first keeps garbage from being
-    frozen with it; once per process keeps a long-lived caller (a test run calling shards
-    in-process) from freezing its later objects too."""
+    """Once per process: freeze the objects alive now (`gc.freeze`). The start-up object graph
+    (torch, Hypothesis, lorainv: over a million objects) lives as long as the process; frozen,
+    the cyclic collector stops re-walking it on every full collection (measured: about 5-8 %
+    more ops/s on ``lorainv fuzz --fast``). Once per process, so a long-lived caller (a test
+    run calling shards in-process) does not freeze its later objects too. No collection first:
+    a full one over that graph is a long window in which a Ctrl-C is lost (see
+    ``lorainv.cli.fuzz._ctrl_c_also_stops``)."""
     if _FROZEN:
         return
     import gc
 
-    gc.collect()
     gc.freeze()
     _FROZEN.append(True)
 

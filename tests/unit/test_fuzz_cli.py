@@ -159,3 +159,42 @@ def test_merge_unions_states_and_dedups_failures_by_pool_invariant_fault() -> No
     kept = pick_failures([a, b])
     # ordered by first sighting; for k1 the campaign's first (shrunk) failure wins over an earlier duplicate
     assert [(f.key, f.shard, n) for f, n in kept] == [(k1, 1, 2), (k2, 0, 1)]
+
+
+SWALLOWED = """
+import os, signal, sys
+from lorainv.testing import fuzzrun
+
+progress = fuzzrun.LocalHooks.progress
+fired = []
+
+def swallowing_progress(self, msg):
+    if not fired:
+        fired.append(True)
+        try:  # the KeyboardInterrupt is raised here and dropped, as Python drops one raised
+            os.kill(os.getpid(), signal.SIGINT)  # inside a garbage collector callback
+            for _ in range(100000):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return progress(self, msg)
+
+fuzzrun.LocalHooks.progress = swallowing_progress
+from lorainv.cli import main
+sys.exit(main(["fuzz", "--minutes", "1", "--fast", "--db", "none", "--json", sys.argv[1]]))
+"""
+
+
+def test_ctrl_c_whose_keyboard_interrupt_is_swallowed_still_stops_the_run(tmp_path: Path) -> None:
+    """Seen in CI: a SIGINT that lands while Hypothesis's gc callback runs was ignored and the
+    campaign ran its full minute. The SIGINT handler also sets the stop flag, so the run ends
+    at the next example as interrupted."""
+    report = tmp_path / "r.json"
+    env = dict(os.environ, LORAINV_TRACE_DIR=str(tmp_path / "traces"))
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWED, str(report)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "interrupted (Ctrl-C)" in proc.stdout
+    doc = json.loads(report.read_text())
+    assert doc["stop_reason"] == "interrupted" and doc["seconds"] < 30, doc["seconds"]
