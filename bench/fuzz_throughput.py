@@ -4,7 +4,8 @@
 --strict L --json R`` in a subprocess, reading ``ops_per_s`` from its JSON report (one worker;
 wall time from after the imports to the end of the last round, so interpreter and torch
 start-up are excluded, as in the CLI itself) and the child's user+system CPU seconds per op
-(start-up included, the same for both trees). With ``--old DIR`` (default: ``/work/base`` when
+beyond a base run of the same command at ``--max-examples 1`` on the same tree (so each tree's
+own start-up is subtracted, not a guess at it). With ``--old DIR`` (default: ``/work/base`` when
 it exists) the same command also runs against that tree (``PYTHONPATH=DIR``), alternating
 old/new for ``--pairs`` pairs, same seed and budget, at each ``--strict`` level. The two trees
 may run different op mixes (ops per example differ), so compare ops/s and CPU ms/op, not
@@ -63,8 +64,11 @@ class CliRun:
     ops: int
     ops_per_s: float  # the report's own figure
     cpu_s: float  # the child's user + system CPU seconds (start-up included)
-    cpu_ms_per_op: float  # (cpu_s - start-up CPU of the tree) / ops: the campaign's own cost per op
-    startup_cpu_s: float  # the tree's bare start-up CPU (measured once per tree, subtracted)
+    # (cpu_s - base CPU) / (ops - base ops): the campaign's own CPU per op; None when the budget
+    # is too small for the difference to rise above the noise (it came out <= 0)
+    cpu_ms_per_op: float | None
+    startup_cpu_s: float  # CPU of the tree's base run: the same command at --max-examples 1
+    startup_ops: int  # ops of that base run
 
 
 def run_cli(tree: Path, strict: int, examples: int, seed: int, work: str) -> tuple[int, float, float]:
@@ -85,15 +89,20 @@ def run_cli(tree: Path, strict: int, examples: int, seed: int, work: str) -> tup
     return int(doc["ops"]), float(doc["ops_per_s"]), cpu
 
 
-def import_cpu(tree: Path, work: str) -> float:
-    """CPU seconds a bare start-up of ``tree`` costs (interpreter, the CLI and the campaign's
-    imports, torch included): subtracted from each run's CPU to get the campaign's own."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    code = "import lorainv.cli, lorainv.testing.campaign"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-c", code], cwd=work, env=env, check=True, timeout=600)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def base_run(tree: Path, strict: int, seed: int, work: str) -> tuple[int, float]:
+    """(ops, CPU seconds) of the same command at ``--max-examples 1`` on ``tree``.
+
+    Subtracted from each run, it removes start-up (interpreter, each tree's own imports, which
+    differ: a lazily importing CLI pays less than ``import lorainv.cli`` does) and the one-off
+    campaign set-up, so that what is left is the cost of the extra examples alone."""
+    ops, _, cpu = run_cli(tree, strict, 1, seed, work)
+    return ops, cpu
+
+
+def per_op_ms(cpu: float, ops: int, base: tuple[int, float]) -> float | None:
+    """Campaign CPU ms per op beyond the base run, or None when the difference is not positive."""
+    d_ops, d_cpu = ops - base[0], cpu - base[1]
+    return round(1000 * d_cpu / d_ops, 3) if d_ops > 0 and d_cpu > 0 else None
 
 
 def measure_cli(
@@ -101,8 +110,8 @@ def measure_cli(
 ) -> list[CliRun]:
     """Every tree at every level, ``pairs`` times, alternating trees within each pair."""
     out = []
-    start = {name: import_cpu(tree, work) for name, tree in trees.items()}
     for strict in levels:
+        start = {name: base_run(tree, strict, seed, work) for name, tree in trees.items()}
         for _ in range(pairs):
             for name, tree in trees.items():
                 ops, rate, cpu = run_cli(tree, strict, examples, seed, work)
@@ -114,12 +123,13 @@ def measure_cli(
                         ops,
                         round(rate, 1),
                         round(cpu, 2),
-                        round(1000 * (cpu - start[name]) / ops, 3),
-                        round(start[name], 2),
+                        per_op_ms(cpu, ops, start[name]),
+                        round(start[name][1], 2),
+                        start[name][0],
                     )
                 )
                 print(
-                    f"  cli {name} strict {strict}: {rate:.0f} ops/s, {out[-1].cpu_ms_per_op:.3f} CPU ms/op",
+                    f"  cli {name} strict {strict}: {rate:.0f} ops/s, {out[-1].cpu_ms_per_op} CPU ms/op",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -130,20 +140,22 @@ def render_cli(runs: Sequence[CliRun]) -> tuple[str, list[dict[str, Any]]]:
     """A table of medians per (strict, tree), with new/old ratios; also returned as rows."""
     rows, summary = [], []
     for strict in sorted({r.strict for r in runs}):
-        med: dict[str, tuple[float, float]] = {}
+        med: dict[str, tuple[float, float | None]] = {}
         for tree in ("old", "new"):
             mine = [r for r in runs if r.strict == strict and r.tree == tree]
             if mine:
-                med[tree] = (common.median([r.ops_per_s for r in mine]), common.median([r.cpu_ms_per_op for r in mine]))
+                cpus = [r.cpu_ms_per_op for r in mine if r.cpu_ms_per_op is not None]
+                med[tree] = (common.median([r.ops_per_s for r in mine]), common.median(cpus) if cpus else None)
         for tree, (rate, cpu) in med.items():
             ratio = rate / med["old"][0] if "old" in med else None
-            cpu_ratio = med["old"][1] / cpu if "old" in med else None
+            old_cpu = med["old"][1] if "old" in med else None
+            cpu_ratio = old_cpu / cpu if old_cpu is not None and cpu is not None else None
             rows.append(
                 [
                     strict,
                     tree,
                     f"{rate:.0f}",
-                    f"{cpu:.3f}",
+                    "-" if cpu is None else f"{cpu:.3f}",
                     "-" if ratio is None else f"{ratio:.2f}x",
                     "-" if cpu_ratio is None else f"{cpu_ratio:.2f}x",
                 ]
@@ -306,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorainv fuzz --fast --max-examples {n_cli} --seed {args.seed}, one worker, {pairs} pair(s), medians:")
         print(table)
         print(
-            "ops/s: the report's ops_per_s (wall, after imports); CPU ms/op: the child's user+system CPU minus the"
-            f"\ntree's bare start-up CPU, over its ops. old = {trees.get('old', '-')}, new = {ROOT}; run alternately.\n"
+            "ops/s: the report's ops_per_s (wall, after imports); CPU ms/op: the child's user+system CPU minus that"
+            "\nof the same command at --max-examples 1 on the same tree, over the extra ops ('-': below the noise)."
+            f"\n old = {trees.get('old', '-')}, new = {ROOT}; run alternately.\n"
         )
     if results:
         print("in-process campaigns, 2 seeds per setting:")
