@@ -108,12 +108,13 @@ def _partition(arrays: list[np.ndarray], ps: int, n: int) -> bool:
         return False
     if total <= 512:
         return sorted(i for a in arrays for i in a.tolist()) == list(range(ps, n))
-    flat = np.concatenate(arrays)
-    if flat.min() < ps or flat.max() >= n:
+    try:
+        count = np.bincount(np.concatenate(arrays), minlength=n)
+    except ValueError:  # a negative index
         return False
-    seen = np.zeros(n, dtype=bool)
-    seen[flat] = True
-    return bool(seen[ps:].all())  # n - ps indices cover all n - ps places: each exactly once
+    # n - ps indices, none at or past n, each of the n - ps places in [ps, n) hit: each exactly
+    # once, and none below ps
+    return len(count) == n and bool(count[ps:].all())
 
 
 def _owners(claims: list[tuple[Owner, np.ndarray]], n: int) -> np.ndarray:

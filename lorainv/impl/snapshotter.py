@@ -148,10 +148,12 @@ def _pinned(engine: Any) -> PinnedSnap:
 _PINNED_MEMO: dict[int, tuple[Any, Any, Any, tuple[PinnedEntrySnap, ...], tuple[tuple[str, int], ...], int]] = {}
 
 
-def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
+def _req(r: Any, r2t: np.ndarray, held: tuple[np.ndarray, np.ndarray] | None = None) -> ReqSnap:
     """One request as plain values. A request without a row or tokens (waiting or ended: the
     bulk of a long run) is reused from the last snapshot when every field it is made of is
-    equal (its arrays are empty, so sharing them shares nothing mutable)."""
+    equal (its arrays are empty, so sharing them shares nothing mutable). ``held``: copies of
+    its indices and of its row's first ``len(indices)`` entries already taken (`_bulk_copies`);
+    without it they are copied here."""
     fill = tuple(r.fill)
     node = r.cache_node
     cache_node = None if node is None or node.parent is None else node.id
@@ -179,8 +181,11 @@ def _req(r: Any, r2t: np.ndarray) -> ReqSnap:
         hit = _REQ_MEMO.get(id(r))
         if hit is not None and hit[0] is r and hit[1] == key:
             return hit[2]
-    indices = np.array(indices, dtype=np.int64)  # a copy
-    entries = r2t[row, : len(indices)].copy() if row is not None else np.zeros(0, np.int64)
+    if held is not None:
+        indices, entries = held
+    else:
+        indices = np.array(indices, dtype=np.int64)  # a copy
+        entries = r2t[row, : len(indices)].copy() if row is not None else np.zeros(0, np.int64)
     # `build` without its field-set comparison (the hottest constructor: one per live request
     # per op); tests/unit/test_snapshot_fields.py checks this literal names exactly ReqSnap's fields
     snap = object.__new__(ReqSnap)
@@ -218,6 +223,31 @@ _REQ_MEMO_LIMIT = 4096
 
 _LIVE_STATES = frozenset(s.value for s in ReqState if s.live)
 
+# From this many requests holding a row, their arrays are copied in two numpy calls, not two
+# per request (the fixed cost of the bulk path, about a dozen numpy calls, pays off above it)
+_BULK_FROM = 48
+
+
+def _bulk_copies(reqs: list[Any], r2t: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """id(request) -> (a copy of its ``indices``, a copy of its row's first ``len(indices)``
+    entries) for every request that holds a row, when there are at least ``_BULK_FROM``.
+
+    Both copies are views into two fresh arrays made here (one concatenation, one gather), read
+    only, so the snapshot holds values nothing else can write. A pure read."""
+    rowed = [r for r in reqs if r.row is not None]
+    if len(rowed) < _BULK_FROM:
+        return {}
+    lens = np.fromiter((len(r.indices) for r in rowed), dtype=np.int64, count=len(rowed))
+    rows = np.fromiter((r.row for r in rowed), dtype=np.int64, count=len(rowed))
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    flat = np.concatenate([np.asarray(r.indices, dtype=np.int64) for r in rowed])
+    cols = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(starts, lens)
+    entries = r2t[np.repeat(rows, lens), cols].astype(np.int64, copy=False)
+    flat.flags.writeable = False
+    entries.flags.writeable = False
+    return {id(r): (flat[a:b], entries[a:b]) for r, a, b in zip(rowed, starts.tolist(), ends.tolist())}
+
 
 def take_snapshot(engine: Any) -> Snapshot:
     idle = engine.is_idle()
@@ -228,8 +258,10 @@ def take_snapshot(engine: Any) -> Snapshot:
     r2t = engine.rows.req_to_token.detach().cpu().numpy()
     held = 0  # K1's held_by_requests: tokens the live requests account for
     finished = []
-    for r in engine.requests.values():
-        snap = _req(r, r2t)
+    everyone = list(engine.requests.values())
+    bulk = _bulk_copies(everyone, r2t)
+    for r in everyone:
+        snap = _req(r, r2t, bulk.get(id(r)))
         reqs.append(snap)
         if snap.state in _LIVE_STATES:  # == r.state.live, without its property and enum compares
             held += r.held_tokens

@@ -24,3 +24,12 @@ def test_partition_both_paths(n: int) -> None:
     out = [*parts[:-1], np.concatenate([parts[-1][:-1], [n]])]  # past the pool
     assert _partition(out, ps, n) is False
     assert _partition(list(parts[:-1]), ps, n) is False  # a claim missing
+
+
+@pytest.mark.parametrize("n", [40, 5000])
+def test_partition_refuses_a_negative_index(n: int) -> None:
+    """A negative index is never a token (numpy would read it from the end of a mask)."""
+    ps = 2
+    parts = np.array_split(np.arange(ps, n, dtype=np.int64), 3)
+    neg = [*parts[:-1], np.concatenate([parts[-1][:-1], [-1]])]
+    assert _partition(neg, ps, n) is False

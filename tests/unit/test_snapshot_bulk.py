@@ -1,0 +1,70 @@
+"""Many live requests: the snapshotter copies their indices and rows in bulk, and K5 compares
+them in bulk. Both must give what the per-request path gives, and still name the one bad row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lorainv.checkers import req_to_token
+from lorainv.checkers.req_to_token import ReqToTokenChecker
+from lorainv.config import RuntimeConfig
+from lorainv.impl import snapshotter
+from lorainv.impl.engine import Engine
+from lorainv.ops import AddRequest, Step
+from lorainv.snapshot import canonical
+
+LIVE = 64  # above both bulk thresholds
+
+
+@pytest.fixture
+def engine() -> Engine:
+    eng = Engine(
+        RuntimeConfig(
+            network="dummy",
+            device="sim-auto",
+            max_total_tokens=LIVE * 16,
+            max_running_requests=LIVE,
+            chunked_prefill_size=LIVE * 8,
+        )
+    )
+    for i in range(LIVE):
+        eng.apply(AddRequest(f"r{i}", tuple(range(1 + i % 5, 6 + i % 5)), None, 6))
+    for _ in range(3):
+        eng.apply(Step())
+    assert sum(1 for r in eng.requests.values() if r.row is not None) == LIVE
+    return eng
+
+
+def test_bulk_copies_equal_the_engine_and_the_per_request_path(engine: Engine, monkeypatch) -> None:
+    assert LIVE >= snapshotter._BULK_FROM
+    bulk = engine.snapshot()
+    r2t = engine.rows.req_to_token.numpy()
+    for snap in bulk.requests:
+        r = engine.requests[snap.rid]
+        assert np.array_equal(snap.indices, r.indices) and snap.indices is not r.indices
+        assert np.array_equal(snap.row_entries, r2t[r.row, : len(r.indices)])
+        assert not snap.indices.flags.writeable and not snap.row_entries.flags.writeable
+    monkeypatch.setattr(snapshotter, "_BULK_FROM", 10**9)
+    assert canonical(engine.snapshot()) == canonical(bulk)
+
+
+def test_bulk_copies_are_copies(engine: Engine) -> None:
+    snap = engine.snapshot()
+    first = next(s for s in snap.requests if s.row is not None)
+    before = first.row_entries.copy()
+    engine.rows.req_to_token[first.row, 0] += 1  # a write after the snapshot was taken
+    assert np.array_equal(first.row_entries, before)
+
+
+@pytest.mark.parametrize("bulk_from", [1, 10**9])  # K5 in bulk, and request by request
+def test_a_wrong_row_is_named_on_both_paths(engine: Engine, monkeypatch, bulk_from: int) -> None:
+    monkeypatch.setattr(req_to_token, "_BULK_FROM", bulk_from)
+    assert ReqToTokenChecker().check(engine.snapshot()) == []
+    victim = engine.requests["r37"]
+    engine.rows.req_to_token[victim.row, 2] = int(victim.indices[3])  # points at a neighbour's token
+    got = ReqToTokenChecker().check(engine.snapshot())
+    assert [(v.invariant, v.message) for v in got] == [
+        ("K5", f"row {victim.row} of request r37 does not point at the request's token indices")
+    ]
+    assert list(got[0].offenders) == [2]  # the position in the row
