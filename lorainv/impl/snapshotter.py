@@ -239,6 +239,8 @@ def _bulk_copies(reqs: list[Any], r2t: np.ndarray) -> dict[int, tuple[np.ndarray
         return {}
     lens = np.fromiter((len(r.indices) for r in rowed), dtype=np.int64, count=len(rowed))
     rows = np.fromiter((r.row for r in rowed), dtype=np.int64, count=len(rowed))
+    if rows.min() < 0 or rows.max() >= r2t.shape[0] or lens.max() > r2t.shape[1]:
+        return {}  # a row off the table or longer than it: the per-request path shows it as it is
     ends = np.cumsum(lens)
     starts = ends - lens
     flat = np.concatenate([np.asarray(r.indices, dtype=np.int64) for r in rowed])

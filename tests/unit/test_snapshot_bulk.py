@@ -68,3 +68,16 @@ def test_a_wrong_row_is_named_on_both_paths(engine: Engine, monkeypatch, bulk_fr
         ("K5", f"row {victim.row} of request r37 does not point at the request's token indices")
     ]
     assert list(got[0].offenders) == [2]  # the position in the row
+
+
+def test_more_indices_than_the_row_holds_is_shown_not_raised(engine: Engine) -> None:
+    """A request claiming more tokens than its row can point at: the bulk gather would index
+    past the table, so the snapshot falls back to the per-request copy, and K5 reports it."""
+    victim = engine.requests["r5"]
+    width = engine.rows.req_to_token.shape[1]
+    victim.indices = np.concatenate([victim.indices, np.arange(width, dtype=np.int64) + 10_000])
+    snap = engine.snapshot()
+    got = next(s for s in snap.requests if s.rid == "r5")
+    assert len(got.indices) == len(victim.indices) and len(got.row_entries) == width
+    messages = [v.message for v in ReqToTokenChecker().check(snap)]
+    assert messages == [f"row {victim.row} of request r5 does not point at the request's token indices"]
