@@ -1,5 +1,5 @@
 """K3's fast path: the claims partition ``[page_size, n)`` exactly, tested with Python lists for
-small pools and a numpy mask for big ones; both answers must agree with the definition."""
+tiny pools and one bincount for the rest; both answers must agree with the definition."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from lorainv.checkers.kv import _partition
 
 
-@pytest.mark.parametrize("n", [40, 5000])  # below and above the 512-token switch
+@pytest.mark.parametrize("n", [40, 5000])  # below and above the 64-token switch
 def test_partition_both_paths(n: int) -> None:
     ps = 2
     idx = np.arange(ps, n, dtype=np.int64)
