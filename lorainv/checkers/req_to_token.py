@@ -10,7 +10,7 @@ import numpy as np
 
 from lorainv.checkers.base import register, shown
 from lorainv.errors import Violation
-from lorainv.snapshot import ReqSnap, Snapshot
+from lorainv.snapshot import Snapshot
 
 
 @register("req_to_token")
@@ -48,11 +48,8 @@ class ReqToTokenChecker:
                     out.append(
                         Violation("req_to_token", "K5", f"session {s.session_id} row lent twice", tuple(borrowers))
                     )
-        rowed = [r for r in snap.live() if r.row is not None]
-        if len(rowed) >= _BULK_FROM and _all_same(rowed):
-            rowed = []  # every row points at its request's indices: nothing left to name
-        for r in rowed:
-            if not _same(r.row_entries, r.indices):
+        for r in snap.live():
+            if r.row is not None and not _same(r.row_entries, r.indices):
                 diff: Sequence[int] | np.ndarray = (
                     np.flatnonzero(r.row_entries != r.indices) if len(r.row_entries) == len(r.indices) else []
                 )
@@ -75,18 +72,6 @@ class ReqToTokenChecker:
                     )
                 )
         return out
-
-
-# From this many rowed requests, their rows are first compared all at once (two concatenations
-# and one comparison); each request is compared on its own only when that finds a difference.
-_BULK_FROM = 32
-
-
-def _all_same(rowed: list[ReqSnap]) -> bool:
-    """Whether every request's row entries equal its indices (lengths included)."""
-    if any(len(r.row_entries) != len(r.indices) for r in rowed):
-        return False
-    return _same(np.concatenate([r.row_entries for r in rowed]), np.concatenate([r.indices for r in rowed]))
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

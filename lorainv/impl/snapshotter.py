@@ -244,8 +244,10 @@ def _bulk_copies(reqs: list[Any], r2t: np.ndarray) -> dict[int, tuple[np.ndarray
     ends = np.cumsum(lens)
     starts = ends - lens
     flat = np.concatenate([np.asarray(r.indices, dtype=np.int64) for r in rowed])
-    cols = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(starts, lens)
-    entries = r2t[np.repeat(rows, lens), cols].astype(np.int64, copy=False)
+    # position k of the concatenation reads r2t.flat[row * width + (k - start)] of its request
+    width = r2t.shape[1]
+    at = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(rows * width - starts, lens)
+    entries = np.ascontiguousarray(r2t).reshape(-1).take(at).astype(np.int64, copy=False)
     flat.flags.writeable = False
     entries.flags.writeable = False
     return {id(r): (flat[a:b], entries[a:b]) for r, a, b in zip(rowed, starts.tolist(), ends.tolist())}
