@@ -232,11 +232,16 @@ class Snapshot:
         return self._live
 
 
+_PLAIN = frozenset({int, str, float, bool, type(None)})
+
+
 def canonical(value: Any) -> Any:
     """A hashable, comparable plain-value form of a snapshot (or any part of one): dataclasses
     become (field, value) tuples, arrays tuples of ints, sets sorted tuples. Two snapshots are
     equal as values exactly when their canonical forms are equal (numpy arrays make ``==`` on
     the dataclasses ambiguous)."""
+    if type(value) in _PLAIN:  # the leaves, most of the values: returned before any other test
+        return value
     if isinstance(value, np.ndarray):
         return ("array", tuple(value.reshape(-1).tolist()), value.shape)
     if hasattr(value, "__dataclass_fields__"):
