@@ -40,7 +40,7 @@ class TokenAllocator:
         return (self.num_pages + 1) * self.page_size
 
     def available_size(self) -> int:
-        return int(self._free.sum()) * self.page_size
+        return int(np.count_nonzero(self._free)) * self.page_size
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -90,10 +90,9 @@ class TokenAllocator:
 
     def free_indices(self) -> np.ndarray:
         """All free token indices, ascending (for snapshots)."""
-        pages = np.flatnonzero(self._free)
         if self.page_size == 1:
-            return pages
-        return (pages[:, None] * self.page_size + np.arange(self.page_size)[None, :]).reshape(-1)
+            return np.flatnonzero(self._free)
+        return np.flatnonzero(np.repeat(self._free, self.page_size))  # index i is free iff page i // ps is
 
     def is_free(self, index: int) -> bool:
         return bool(self._free[index // self.page_size]) if 0 <= index < self.buffer_len else False
@@ -115,7 +114,7 @@ class ReqToTokenPool:
         self._free = np.ones(rows, dtype=bool)
 
     def available_size(self) -> int:
-        return int(self._free.sum())
+        return int(np.count_nonzero(self._free))
 
     def alloc(self) -> int | None:
         """The lowest free row, or None when every row is taken."""

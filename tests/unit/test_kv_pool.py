@@ -323,3 +323,12 @@ def test_random_alloc_free_never_aliases_or_loses(page_size: int, num_pages: int
         pool.free(block)
     assert pool.available_size() == num_pages * page_size
     assert set(_l(pool.free_indices())) == usable
+
+
+def test_page_size_3_free_indices_and_available() -> None:
+    pool = TokenAllocator(9, page_size=3)  # pages 1..3: indices 3..11
+    assert _l(pool.free_indices()) == [3, 4, 5, 6, 7, 8, 9, 10, 11] and pool.available_size() == 9
+    assert _alloc(pool, 3) == [3, 4, 5]
+    assert _alloc(pool, 3) == [6, 7, 8]
+    pool.free([3, 4, 5])
+    assert _l(pool.free_indices()) == [3, 4, 5, 9, 10, 11] and pool.available_size() == 6
