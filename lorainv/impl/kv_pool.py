@@ -33,6 +33,9 @@ class TokenAllocator:
         self.num_pages = size // page_size
         self._free = np.ones(self.num_pages + 1, dtype=bool)
         self._free[0] = False  # page 0 holds the padding index
+        # every page below this one is allocated: the search for the lowest free pages starts
+        # here (a hint only; alloc and free keep it a lower bound of the first free page)
+        self._first_free = 1
 
     @property
     def buffer_len(self) -> int:
@@ -55,11 +58,29 @@ class TokenAllocator:
         if n % self.page_size:
             raise ValueError(f"alloc size {n} is not a multiple of page_size={self.page_size}")
         k = n // self.page_size
-        pages = np.flatnonzero(self._free)[:k]
+        pages = self._lowest_free(k)
         if len(pages) < k:
             return None
         self._free[pages] = False
+        self._first_free = int(pages[-1]) + 1  # the k lowest free pages are taken: none lower is free
         return (pages[:, None] * self.page_size + np.arange(self.page_size)[None, :]).reshape(-1)
+
+    def _lowest_free(self, k: int) -> np.ndarray:
+        """The ``k`` lowest free pages (fewer when fewer are free), ascending. Scans windows that
+        double from ``_first_free`` on, so an allocation near the start of the free space costs
+        O(k), not O(pool): decode allocates a page per request per round."""
+        start, window = self._first_free, max(64, 4 * k)
+        found: list[np.ndarray] = []
+        got = 0
+        while start < len(self._free) and got < k:
+            part = np.flatnonzero(self._free[start : start + window])[: k - got] + start
+            found.append(part)
+            got += len(part)
+            start += window
+            window *= 2
+        if len(found) == 1:
+            return found[0]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def _pages_of(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -87,6 +108,7 @@ class TokenAllocator:
             first = already[: min(8, already.size)] * self.page_size
             raise PoolError(f"double free of token indices starting at {first.tolist()}")
         self._free[pages] = True
+        self._first_free = min(self._first_free, int(pages[0]))  # pages come sorted (np.unique)
 
     def free_indices(self) -> np.ndarray:
         """All free token indices, ascending (for snapshots)."""

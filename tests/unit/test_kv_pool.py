@@ -277,6 +277,29 @@ ACTIONS = st.lists(
 @settings(derandomize=True, max_examples=100, deadline=None)
 @given(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(2, 12), actions=ACTIONS)
 def test_random_alloc_free_never_aliases_or_loses(page_size: int, num_pages: int, actions: list[object]) -> None:
+    _run_against_model(page_size, num_pages, actions)
+
+
+BIG_ACTIONS = st.lists(
+    st.one_of(
+        st.builds(Alloc, st.integers(1, 160)),
+        st.builds(Free, st.integers(0, 1000)),
+        st.builds(BadFree, st.integers(0, 1000)),
+    ),
+    min_size=8,
+    max_size=40,
+)
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(page_size=st.sampled_from([1, 3]), num_pages=st.integers(60, 900), actions=BIG_ACTIONS)
+def test_big_pools_still_hand_out_the_lowest_free_pages(page_size: int, num_pages: int, actions: list[object]) -> None:
+    """Pools of many pages: the search for the lowest free pages runs over several doubling
+    windows from the first page that may be free; the result must be what the model says."""
+    _run_against_model(page_size, num_pages, actions)
+
+
+def _run_against_model(page_size: int, num_pages: int, actions: list[object]) -> None:
     pool = TokenAllocator(num_pages * page_size, page_size=page_size)
     usable = set(range(page_size, (num_pages + 1) * page_size))
     held: list[list[int]] = []
@@ -332,3 +355,17 @@ def test_page_size_3_free_indices_and_available() -> None:
     assert _alloc(pool, 3) == [6, 7, 8]
     pool.free([3, 4, 5])
     assert _l(pool.free_indices()) == [3, 4, 5, 9, 10, 11] and pool.available_size() == 6
+
+
+def test_lowest_free_pages_spread_over_several_search_windows() -> None:
+    """Free pages one in ten: the 100 lowest span 1,000 pages, past the first search window."""
+    pool = TokenAllocator(1200, page_size=1)
+    blocks = [_alloc(pool, 1) for _ in range(1200)]
+    assert pool.available_size() == 0 and pool.alloc(1) is None
+    for b in blocks[::10]:
+        pool.free(b)
+    want = [b[0] for b in blocks[::10]][:100]
+    assert want[-1] == 991
+    assert _alloc(pool, 100) == want
+    assert _alloc(pool, 20) == [b[0] for b in blocks[::10]][100:]
+    assert pool.alloc(1) is None
