@@ -7,6 +7,11 @@ completion, then time decode steps. The timed steps alternate in blocks between 
 engines (so background load hits both alike) and both must emit identical events. The
 result is the ratio of the median step times, level 2 over level 0.
 
+A second, steadier figure: the level-2 engine's own ``Engine.check`` calls are timed inside
+those steps (``check ms``, the median), and ``1 + check/L0`` adds that to the level-0 step.
+The ratio of two medians taken at different moments moves with the host's load; the check
+time is measured inside the very steps it slows, so it moves less.
+
 * fast mode: the dummy network (fake logits), at 10, 100 and 1000 live requests;
 * numeric mode: the tiny random Llama, at 10 and 100 live requests.
 
@@ -67,6 +72,8 @@ class Result:
     level0_repeats_ms: list[float]
     level2_repeats_ms: list[float]
     setup_s: dict[str, float]  # wall time to reach the timed steps, per level
+    check_ms: float | None = None  # median of the level-2 engine's check() calls in the timed steps
+    check_share: float | None = None  # 1 + check_ms / level0_ms
 
 
 def cases(quick: bool) -> list[Case]:
@@ -124,10 +131,28 @@ def _timed_block(engine: Engine, steps: int) -> tuple[list[float], list[list[Any
     return times, events
 
 
+def _time_checks(engine: Engine) -> list[float]:
+    """Record the duration of every ``engine.check`` call from now on (the strict-level hook
+    calls it through the instance, so an instance attribute shadows the method)."""
+    took: list[float] = []
+    check = engine.check
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return check(*args, **kwargs)
+        finally:
+            took.append(time.perf_counter() - t0)
+
+    engine.check = timed  # type: ignore[method-assign]
+    return took
+
+
 def measure(case: Case, repeats: int, steps: int) -> Result:
     max_new_tokens = 4 + repeats * steps + 2  # never finishes while timed: N stays live
     e0, s0 = _prepare(case, 0, max_new_tokens)
     e2, s2 = _prepare(case, 2, max_new_tokens)
+    checks = _time_checks(e2)
     med0, med2 = [], []
     for _ in range(repeats):
         t0, ev0 = _timed_block(e0, steps)
@@ -140,6 +165,7 @@ def measure(case: Case, repeats: int, steps: int) -> Result:
     if live != case.live:
         raise RuntimeError(f"{case}: {live} live requests at the end, expected {case.live}")
     l0, l2 = statistics.median(med0), statistics.median(med2)
+    check_ms = statistics.median(checks) * 1e3 if checks else None
     return Result(
         case.mode,
         case.network,
@@ -152,15 +178,21 @@ def measure(case: Case, repeats: int, steps: int) -> Result:
         [round(x, 4) for x in med0],
         [round(x, 4) for x in med2],
         {"level0": round(s0, 3), "level2": round(s2, 3)},
+        None if check_ms is None else round(check_ms, 4),
+        None if check_ms is None else round(1 + check_ms / l0, 3),
     )
 
 
 def table(results: Sequence[Result]) -> str:
     head = f"{'mode':<8} {'network':<7} {'live':>5} {'L0 step ms':>11} {'L2 step ms':>11} {'L2/L0':>7}"
+    head += f" {'check ms':>9} {'1+check/L0':>11}"
     rows = [head, "-" * len(head)]
     for r in results:
+        check = "-" if r.check_ms is None else f"{r.check_ms:.3f}"
+        share = "-" if r.check_share is None else f"{r.check_share:.2f}x"
         rows.append(
             f"{r.mode:<8} {r.network:<7} {r.live:>5} {r.level0_ms:>11.3f} {r.level2_ms:>11.3f} {r.ratio:>6.2f}x"
+            f" {check:>9} {share:>11}"
         )
     return "\n".join(rows)
 

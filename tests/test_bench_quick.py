@@ -141,3 +141,5 @@ def test_check_overhead(tmp_path: Path) -> None:
     for r in rows:
         assert r["level0_ms"] > 0 and r["level2_ms"] > 0
         assert r["ratio"] == pytest.approx(r["level2_ms"] / r["level0_ms"], rel=0.01)
+        # the level-2 engine's check() was timed inside its steps: one call per timed step at least
+        assert r["check_ms"] > 0 and r["check_share"] == pytest.approx(1 + r["check_ms"] / r["level0_ms"], abs=0.002)
