@@ -263,36 +263,27 @@ class BadFree:
     pick: int  # free an already-freed block, or the padding page when none was freed
 
 
-ACTIONS = st.lists(
-    st.one_of(
-        st.builds(Alloc, st.integers(1, 4)),
-        st.builds(Free, st.integers(0, 1000)),
-        st.builds(BadFree, st.integers(0, 1000)),
-    ),
-    min_size=8,
-    max_size=60,
-)
+def actions(max_pages: int, max_size: int) -> st.SearchStrategy[list[object]]:
+    """Allocations of 1 to ``max_pages`` pages, frees and bad frees."""
+    return st.lists(
+        st.one_of(
+            st.builds(Alloc, st.integers(1, max_pages)),
+            st.builds(Free, st.integers(0, 1000)),
+            st.builds(BadFree, st.integers(0, 1000)),
+        ),
+        min_size=8,
+        max_size=max_size,
+    )
 
 
 @settings(derandomize=True, max_examples=100, deadline=None)
-@given(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(2, 12), actions=ACTIONS)
+@given(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(2, 12), actions=actions(4, 60))
 def test_random_alloc_free_never_aliases_or_loses(page_size: int, num_pages: int, actions: list[object]) -> None:
     _run_against_model(page_size, num_pages, actions)
 
 
-BIG_ACTIONS = st.lists(
-    st.one_of(
-        st.builds(Alloc, st.integers(1, 160)),
-        st.builds(Free, st.integers(0, 1000)),
-        st.builds(BadFree, st.integers(0, 1000)),
-    ),
-    min_size=8,
-    max_size=40,
-)
-
-
 @settings(derandomize=True, max_examples=100, deadline=None)
-@given(page_size=st.sampled_from([1, 3]), num_pages=st.integers(60, 900), actions=BIG_ACTIONS)
+@given(page_size=st.sampled_from([1, 3]), num_pages=st.integers(60, 900), actions=actions(160, 40))
 def test_big_pools_still_hand_out_the_lowest_free_pages(page_size: int, num_pages: int, actions: list[object]) -> None:
     """Pools of many pages: the search for the lowest free pages runs over several doubling
     windows from the first page that may be free; the result must be what the model says."""
