@@ -8,6 +8,8 @@ Invariants:
 * every usable page is either free or allocated, never both (``_free`` mask);
 * ``alloc(n)`` returns exactly ``n`` indices (whole pages, lowest free pages first) or
   ``None`` — never a partial result;
+* every page below ``_first_free`` is allocated (where the search for the lowest free pages
+  starts; ``alloc`` raises it past what it took, ``free`` lowers it to what it returned);
 * ``free`` of an index that is not allocated (double free, foreign or padding index)
   raises `PoolError` and changes nothing.
 """
