@@ -320,29 +320,35 @@ def take_snapshot(engine: Any) -> Snapshot:
 
 
 # The `Snapshot` fields whose values can come through a memo of this module or of the slot
-# oracle (requests: `_REQ_MEMO`; lora, through its contents: `_CONTENT_MEMO` and the slot
-# oracle's; pinned: `_PINNED_MEMO`). Every other field is computed afresh on every call, so a
-# memoized snapshot can differ from `fresh_snapshot` only in these. A new memo must add its field.
+# oracle, or through a bulk path (requests: `_REQ_MEMO` and `_bulk_copies`; lora, through its
+# contents: `_CONTENT_MEMO` and the slot oracle's; pinned: `_PINNED_MEMO`). Every other field
+# is computed afresh on every call, so a memoized snapshot can differ from `fresh_snapshot`
+# only in these. A new memo or bulk path must add its field.
 MEMOIZED_FIELDS = ("requests", "lora", "pinned")
 
 
 def fresh_snapshot(engine: Any) -> Snapshot:
-    """`take_snapshot` computed with every memo empty: the memo dicts of this module and of the
-    slot oracle are swapped for empty ones during the call and restored after, so nothing but
-    those module globals changes, and only for the call's duration. A memoized snapshot must
-    equal this one (`lorainv.snapshot.canonical` compares them)."""
+    """`take_snapshot` computed with every shortcut off: the memo dicts of this module and of
+    the slot oracle are swapped for empty ones, and the bulk copy of many requests' arrays
+    (`_bulk_copies`) for the per-request copies, during the call and restored after, so nothing
+    but those module globals changes, and only for the call's duration. A snapshot taken the
+    usual way must equal this one (`lorainv.snapshot.canonical` compares them)."""
     import sys
 
     from lorainv.checkers import slot_oracle
 
+    global _BULK_FROM
     here = sys.modules[__name__]
     names = [(here, n) for n in ("_CONTENT_MEMO", "_PINNED_MEMO", "_REQ_MEMO")]
     names += [(slot_oracle, n) for n in ("_MEMO", "_SLOTS", "_BASE")]
     saved = [getattr(mod, n) for mod, n in names]
+    bulk_from = _BULK_FROM
     try:
         for mod, n in names:
             setattr(mod, n, {})
+        _BULK_FROM = sys.maxsize
         return take_snapshot(engine)
     finally:
         for (mod, n), value in zip(names, saved):
             setattr(mod, n, value)
+        _BULK_FROM = bulk_from

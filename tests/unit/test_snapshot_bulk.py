@@ -78,3 +78,22 @@ def test_more_indices_than_the_row_holds_is_shown_not_raised(engine: Engine) -> 
     assert len(got.indices) == len(victim.indices) and len(got.row_entries) == width
     messages = [v.message for v in ReqToTokenChecker().check(snap)]
     assert messages == [f"row {victim.row} of request r5 does not point at the request's token indices"]
+
+
+def test_a_wrong_bulk_copy_is_reported_by_the_memo_check(engine: Engine, monkeypatch) -> None:
+    """The teardown's memo check compares with a snapshot taken request by request: a bulk copy
+    that gathers the wrong row entries is a ``snapshot/memo`` violation (planted here)."""
+    from lorainv.testing.harness import memo_violations
+
+    assert memo_violations(engine) == []
+    real = snapshotter._bulk_copies
+
+    def shifted(reqs, r2t):  # every request reads the next row's entries
+        got = real(reqs, r2t)
+        keys = list(got)
+        return {k: (got[k][0], got[keys[(i + 1) % len(keys)]][1]) for i, k in enumerate(keys)}
+
+    monkeypatch.setattr(snapshotter, "_bulk_copies", shifted)
+    assert [(v.pool, v.invariant, v.offenders) for v in memo_violations(engine)] == [
+        ("snapshot", "memo", ("requests",))
+    ]
