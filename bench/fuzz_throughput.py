@@ -11,6 +11,12 @@ old/new for ``--pairs`` pairs, same seed and budget, at each ``--strict`` level.
 may run different op mixes (ops per example differ), so compare ops/s and CPU ms/op, not
 wall time. The machine is shared: the medians of the pairs are reported.
 
+**The ceiling:** at ``--strict 0`` each pair also runs this tree through `bench.fuzz_ceiling`,
+the same command with every oracle switched off (snapshot, checkers, reference model, token
+oracle). It applies the very same ops (checked: equal op counts), so its ops/s is the most any
+cheaper oracle could give; the rest is Hypothesis and the engine under test. ``--no-ceiling``
+skips it.
+
 **In-process campaigns** (the earlier measure): ops/s and examples/s of a clean campaign, in
 fast and numeric mode, with 1 and 2 workers:
 
@@ -58,7 +64,7 @@ DEFAULT_OLD = Path("/work/base")
 
 @dataclass
 class CliRun:
-    tree: str  # "new" (this checkout) or "old" (--old)
+    tree: str  # "new" (this checkout), "old" (--old) or "ceiling" (this checkout, every oracle off)
     strict: int
     examples: int
     ops: int
@@ -71,11 +77,17 @@ class CliRun:
     startup_ops: int  # ops of that base run
 
 
-def run_cli(tree: Path, strict: int, examples: int, seed: int, work: str) -> tuple[int, float, float]:
-    """One ``lorainv fuzz --fast`` subprocess on ``tree``; returns (ops, report ops/s, CPU seconds)."""
+CEILING = "ceiling"  # the tree name of this checkout run through bench.fuzz_ceiling
+
+
+def run_cli(
+    tree: Path, strict: int, examples: int, seed: int, work: str, module: str = "lorainv.cli"
+) -> tuple[int, float, float]:
+    """One ``lorainv fuzz --fast`` subprocess on ``tree`` (through ``module``: the CLI, or
+    `bench.fuzz_ceiling`); returns (ops, report ops/s, CPU seconds)."""
     report = Path(work) / f"fuzz-{os.getpid()}.json"
     env = {**os.environ, "PYTHONPATH": str(tree), "LORAINV_TRACE_DIR": work, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lorainv.cli", "fuzz", "--fast", "--max-examples", str(examples)]
+    cmd = [sys.executable, "-m", module, "fuzz", "--fast", "--max-examples", str(examples)]
     cmd += ["--seed", str(seed), "--strict", str(strict), "--json", str(report), "--quiet"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=3600)
@@ -89,13 +101,13 @@ def run_cli(tree: Path, strict: int, examples: int, seed: int, work: str) -> tup
     return int(doc["ops"]), float(doc["ops_per_s"]), cpu
 
 
-def base_run(tree: Path, strict: int, seed: int, work: str) -> tuple[int, float]:
+def base_run(tree: Path, strict: int, seed: int, work: str, module: str = "lorainv.cli") -> tuple[int, float]:
     """(ops, CPU seconds) of the same command at ``--max-examples 1`` on ``tree``.
 
     Subtracted from each run, it removes start-up (interpreter, each tree's own imports, which
     differ: a lazily importing CLI pays less than ``import lorainv.cli`` does) and the one-off
     campaign set-up, so that what is left is the cost of the extra examples alone."""
-    ops, _, cpu = run_cli(tree, strict, 1, seed, work)
+    ops, _, cpu = run_cli(tree, strict, 1, seed, work, module)
     return ops, cpu
 
 
@@ -108,13 +120,19 @@ def per_op_ms(cpu: float, ops: int, base: tuple[int, float]) -> float | None:
 def measure_cli(
     trees: dict[str, Path], levels: Sequence[int], examples: int, pairs: int, seed: int, work: str
 ) -> list[CliRun]:
-    """Every tree at every level, ``pairs`` times, alternating trees within each pair."""
+    """Every tree at every level, ``pairs`` times, alternating trees within each pair. A tree
+    named `CEILING` runs through `bench.fuzz_ceiling`, at level 0 only, and must apply as many
+    ops as "new" (the same op stream, judged by nothing)."""
     out = []
     for strict in levels:
-        start = {name: base_run(tree, strict, seed, work) for name, tree in trees.items()}
+        here = {name: tree for name, tree in trees.items() if name != CEILING or strict == 0}
+        module = {name: "bench.fuzz_ceiling" if name == CEILING else "lorainv.cli" for name in here}
+        start = {name: base_run(tree, strict, seed, work, module[name]) for name, tree in here.items()}
         for _ in range(pairs):
-            for name, tree in trees.items():
-                ops, rate, cpu = run_cli(tree, strict, examples, seed, work)
+            for name, tree in here.items():
+                ops, rate, cpu = run_cli(tree, strict, examples, seed, work, module[name])
+                if name == CEILING and "new" in here and ops != out[-1].ops:
+                    raise RuntimeError(f"the ceiling applied {ops} ops, the CLI {out[-1].ops}: not the same op stream")
                 out.append(
                     CliRun(
                         name,
@@ -141,7 +159,7 @@ def render_cli(runs: Sequence[CliRun]) -> tuple[str, list[dict[str, Any]]]:
     rows, summary = [], []
     for strict in sorted({r.strict for r in runs}):
         med: dict[str, tuple[float, float | None]] = {}
-        for tree in ("old", "new"):
+        for tree in ("old", "new", CEILING):
             mine = [r for r in runs if r.strict == strict and r.tree == tree]
             if mine:
                 cpus = [r.cpu_ms_per_op for r in mine if r.cpu_ms_per_op is not None]
@@ -285,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--old", type=Path, default=DEFAULT_OLD if DEFAULT_OLD.is_dir() else None, help="old tree to compare"
     )
     p.add_argument("--no-cli", action="store_true", help="skip the lorainv fuzz subprocess runs")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the every-oracle-off runs (bench.fuzz_ceiling)")
     args = p.parse_args(argv)
     n_fast = args.fast_examples or (60 if args.quick else 300)
     n_num = args.numeric_examples or (8 if args.quick else 40)
@@ -302,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli: list[CliRun] = []
     trees = {"old": args.old.resolve()} if args.old is not None else {}
     trees["new"] = ROOT
+    if not args.no_ceiling:
+        trees[CEILING] = ROOT  # run right after "new" in each pair
     with tempfile.TemporaryDirectory() as traces:
         if not args.no_cli:
             cli = measure_cli(trees, levels, n_cli, pairs, args.seed, traces)
@@ -320,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "ops/s: the report's ops_per_s (wall, after imports); CPU ms/op: the child's user+system CPU minus that"
             "\nof the same command at --max-examples 1 on the same tree, over the extra ops ('-': below the noise)."
-            f"\n old = {trees.get('old', '-')}, new = {ROOT}; run alternately.\n"
+            f"\n old = {trees.get('old', '-')}, new = {ROOT}; run alternately. ceiling (strict 0 only): new with"
+            "\n every oracle off (bench.fuzz_ceiling), the same ops: the most a cheaper oracle could give.\n"
         )
     if results:
         print("in-process campaigns, 2 seeds per setting:")

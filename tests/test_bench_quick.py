@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,9 @@ def test_fuzz_throughput(tmp_path: Path) -> None:
     doc = run("fuzz_throughput", tmp_path, "--fast-examples", "15", "--numeric-examples", "3", "--cli-examples", "5")
     # the CLI path users run: this tree (and the old one, when there is one), each at strict 0
     cli = doc["cli_runs"]
-    assert "new" in {r["tree"] for r in cli} and {r["strict"] for r in cli} == {0}
+    assert {"new", "ceiling"} <= {r["tree"] for r in cli} and {r["strict"] for r in cli} == {0}
+    # the ceiling (every oracle off) applied the very ops the CLI applied
+    assert [r["ops"] for r in cli if r["tree"] == "ceiling"] == [r["ops"] for r in cli if r["tree"] == "new"]
     for r in cli:
         assert r["examples"] == 5 and r["ops"] > 0 and r["startup_ops"] > 0 and r["ops_per_s"] > 0
         assert r["cpu_s"] > 0 and r["startup_cpu_s"] > 0
@@ -87,6 +91,25 @@ def test_fuzz_throughput(tmp_path: Path) -> None:
         assert r["ops_per_s"] > 0 and r["examples_per_s"] > 0 and r["ops"] > 0
     for mode in ("fast", "numeric"):  # both worker counts did the very same campaigns
         assert got[(mode, 1)]["ops"] == got[(mode, 2)]["ops"]
+
+
+def test_fuzz_ceiling_judges_nothing(tmp_path: Path) -> None:
+    """The ceiling run switches every oracle off: a planted KV leak that the CLI finds within
+    the same budget (bench/RESULTS.md's detect table: at most 76 examples) passes it, and it
+    refuses a strict level whose engine hook would check anyway."""
+    from bench import fuzz_ceiling
+
+    assert fuzz_ceiling.main(["fuzz", "--strict", "2"]) == 2
+    assert fuzz_ceiling.main(["fuzz", "--strict=1"]) == 2
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAINV_TRACE_DIR": str(tmp_path)}
+    cmd = ["fuzz", "--fast", "--faults", "retract_leaks_tail", "--max-examples", "100", "--seed", "0", "--quiet"]
+    cmd += ["--no-shrink"]
+    found = subprocess.run([sys.executable, "-m", "lorainv.cli", *cmd], cwd=tmp_path, env=env, capture_output=True)
+    ceiling = subprocess.run(
+        [sys.executable, "-m", "bench.fuzz_ceiling", *cmd], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert found.returncode == 1, found.stdout[-500:]
+    assert ceiling.returncode == 0 and b"clean: no violation found" in ceiling.stdout, ceiling.stdout[-500:]
 
 
 def test_serve_vs_peft(tmp_path: Path) -> None:
